@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import Conv2dSame
+from torch import nn
+
+from vision_lora import LoRAConv2d, LoRALinear, LoRAQKVLinear
+
+
+def _randomize(layer):
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    return layer
+
+
+def test_fresh_linear_computes_the_base_output():
+    base = nn.Linear(16, 24)
+    layer = LoRALinear(base, r=4, lora_alpha=8)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    assert layer.scaling == 2.0
+
+
+def test_rslora_scaling():
+    layer = LoRALinear(nn.Linear(16, 24), r=4, lora_alpha=8, use_rslora=True)
+    assert layer.scaling == pytest.approx(4.0)
+
+
+def test_linear_matches_explicit_formula_in_train_and_eval():
+    base = nn.Linear(16, 24)
+    layer = _randomize(LoRALinear(base, r=4, lora_alpha=8))
+    x = torch.randn(3, 5, 16)
+    expected = base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    layer.train()
+    torch.testing.assert_close(layer(x), expected)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():  # cached fold
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_eval_fold_cache_follows_parameter_updates():
+    layer = _randomize(LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=2)).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B.add_(1.0)
+        after = layer(x)
+    expected = layer.base_layer(x) + x @ layer.lora_A.T @ layer.lora_B.T
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
+
+
+def test_eval_mode_still_trains_the_adapter():
+    layer = _randomize(LoRALinear(nn.Linear(8, 8), r=2, lora_alpha=2)).eval()
+    layer(torch.randn(4, 8)).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("slices", ["q", "v", "qv", "qkv", "k"])
+def test_qkv_updates_only_selected_slices(slices):
+    dim = 12
+    base = nn.Linear(dim, 3 * dim)
+    layer = _randomize(LoRAQKVLinear(base, r=2, lora_alpha=4, slices=slices))
+    delta = layer.delta_weight()
+    for i, name in enumerate("qkv"):
+        rows = delta[i * dim : (i + 1) * dim]
+        if name in slices:
+            assert rows.abs().sum() > 0
+        else:
+            assert torch.equal(rows, torch.zeros_like(rows))
+    x = torch.randn(2, 7, dim)
+    layer.train()
+    torch.testing.assert_close(layer(x), base(x) + x @ delta.T)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x) + x @ delta.T)
+
+
+def test_qkv_slices_have_their_own_factors():
+    layer = _randomize(LoRAQKVLinear(nn.Linear(12, 36), r=2, lora_alpha=2, slices="qv"))
+    delta = layer.delta_weight()
+    torch.testing.assert_close(delta[:12], layer.lora_B[0] @ layer.lora_A[0])
+    torch.testing.assert_close(delta[24:], layer.lora_B[1] @ layer.lora_A[1])
+    assert torch.linalg.matrix_rank(delta[:12]) <= 2
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(8, 16, 1),
+        nn.Conv2d(8, 16, 1, stride=2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2),
+        Conv2dSame(8, 16, 3, stride=2),
+        Conv2dSame(8, 16, 5, stride=1),
+    ],
+    ids=["1x1", "1x1-s2", "3x3", "3x3-s2-d2", "same-3x3-s2", "same-5x5"],
+)
+def test_conv_update_equals_convolution_with_delta_weight(conv):
+    layer = _randomize(LoRAConv2d(conv, r=4, lora_alpha=4))
+    x = torch.randn(2, 8, 15, 15)
+    reference = nn.Conv2d(8, 16, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    if isinstance(conv, Conv2dSame):
+        reference = Conv2dSame(8, 16, conv.kernel_size, conv.stride)
+    with torch.no_grad():
+        reference.weight.copy_(conv.weight + layer.delta_weight())
+        reference.bias.copy_(conv.bias)
+    layer.train()
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+    delta2d = layer.delta_weight().flatten(1)
+    assert torch.linalg.matrix_rank(delta2d) <= 4
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(ValueError, match="grouped/depthwise"):
+        LoRAConv2d(nn.Conv2d(8, 8, 3, groups=8), r=2, lora_alpha=2)
+
+
+@pytest.mark.parametrize("r", [0, 9])
+def test_rank_out_of_range_is_refused(r):
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(8, 16), r=r, lora_alpha=1)
+
+
+def test_nonpositive_alpha_is_refused():
+    with pytest.raises(ValueError, match="lora_alpha"):
+        LoRALinear(nn.Linear(8, 16), r=2, lora_alpha=0)
+
+
+@pytest.mark.parametrize(
+    "layer_fn",
+    [
+        lambda: LoRALinear(nn.Linear(16, 24), 4, 8),
+        lambda: LoRAQKVLinear(nn.Linear(16, 48), 4, 8),
+        lambda: LoRAConv2d(Conv2dSame(8, 16, 3, stride=2), 4, 8),
+    ],
+    ids=["linear", "qkv", "conv"],
+)
+def test_merge_matches_unmerged_and_unmerge_restores_exactly(layer_fn):
+    layer = _randomize(layer_fn()).eval()
+    x = torch.randn(2, 8, 9, 9) if isinstance(layer, LoRAConv2d) else torch.randn(2, 5, layer.base_layer.in_features)
+    original = layer.base_layer.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    layer.merge()  # runs once
+    assert layer.merged
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer(x), unmerged, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+    torch.testing.assert_close(layer(x), unmerged)
+
+
+def test_merge_unmerge_thousand_times_does_not_drift():
+    layer = _randomize(LoRALinear(nn.Linear(32, 32), 4, 8))
+    original = layer.base_layer.weight.detach().clone()
+    for _ in range(1000):
+        layer.merge()
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+
+
+def test_merge_is_independent_of_train_eval():
+    layer = _randomize(LoRALinear(nn.Linear(8, 8), 2, 2))
+    layer.eval()
+    layer.train()
+    assert not layer.merged
+
+
+def test_bf16_merge_is_finite_and_close():
+    layer = _randomize(LoRALinear(nn.Linear(64, 64), 8, 16)).to(torch.bfloat16)
+    expected = layer.base_layer.weight.float() + layer.delta_weight().float()
+    layer.merge()
+    w = layer.base_layer.weight
+    assert w.dtype == torch.bfloat16 and torch.isfinite(w).all()
+    torch.testing.assert_close(w.float(), expected, rtol=1.6e-2, atol=1e-2)
+
+
+def test_fp16_merge_that_overflows_is_refused_and_leaves_weight_unchanged():
+    layer = LoRALinear(nn.Linear(8, 8), 2, 2).half()
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(60000.0)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(10000.0)
+    before = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="overflows"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+
+
+def test_wrapper_exposes_base_attributes():
+    layer = LoRALinear(nn.Linear(8, 12), 2, 2)
+    assert layer.in_features == 8 and layer.out_features == 12
+    assert layer.bias is layer.base_layer.bias
+    assert all("lora_" in n for n, p in layer.named_parameters() if not n.startswith("base_layer."))

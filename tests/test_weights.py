@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from skimage import data
+from timm.data import create_transform, resolve_model_data_config
+
+from vision_lora import create_backbone
+
+
+def test_offline_efficientnet_lite0_recognises_cat_and_espresso():
+    model = create_backbone("tf_efficientnet_lite0", weights="offline").eval()
+    transform = create_transform(**resolve_model_data_config(model))
+    batch = torch.stack([transform(Image.fromarray(img)) for img in (data.chelsea(), data.coffee())])
+    with torch.no_grad():
+        top1 = model(batch).argmax(-1).tolist()
+    assert top1 == [285, 967]  # Egyptian cat, espresso
+
+
+def test_offline_weights_with_a_new_head_keep_the_backbone():
+    full = create_backbone("tf_efficientnet_lite0", weights="offline")
+    small = create_backbone("tf_efficientnet_lite0", num_classes=10, weights="offline")
+    assert small.get_classifier().out_features == 10
+    torch.testing.assert_close(small.conv_head.weight, full.conv_head.weight, rtol=0, atol=0)
+
+
+def test_offline_weights_refuse_other_models():
+    with pytest.raises(ValueError, match="No offline weights"):
+        create_backbone("test_vit", weights="offline")
+
+
+def test_unknown_model_name_suggests_close_names():
+    with pytest.raises(ValueError, match="Unknown timm model 'vit_smal_patch16_224'.*vit_small_patch16_224"):
+        create_backbone("vit_smal_patch16_224")
+
+
+def test_weights_from_local_file(tmp_path):
+    source = timm.create_model("test_vit", num_classes=6)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = create_backbone("test_vit", num_classes=6, weights=str(tmp_path / "w.pth"))
+    torch.testing.assert_close(model.state_dict(), source.state_dict(), rtol=0, atol=0)
+    relabeled = create_backbone("test_vit", num_classes=3, weights=str(tmp_path / "w.pth"))
+    assert relabeled.get_classifier().out_features == 3
+    torch.testing.assert_close(relabeled.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_missing_weights_file():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        create_backbone("test_vit", weights="/nope/w.pth")

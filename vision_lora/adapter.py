@@ -1,0 +1,213 @@
+"""Adapter files (safetensors + JSON, never pickle) and merged plain-timm checkpoints; crash-safe writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .inject import LoRAConfig, apply_lora, lora_layers, trainable_names
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "adapter_state_dict",
+    "atomic_write",
+    "load_adapter",
+    "merged_state_dict",
+    "read_adapter_config",
+    "save_adapter",
+    "save_merged",
+]
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_FORMAT = "vision_lora.adapter/1"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file so that a crash at any moment leaves either the old file or the new one, never a torn one.
+
+    `write(tmp_path)` writes to a temporary file in the same directory, which is fsynced and renamed over `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("vision-lora", "torch", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "architecture" not in cfg:
+        raise ValueError("The model has no timm pretrained_cfg['architecture']; create it with timm.create_model.")
+    return cfg["architecture"]
+
+
+def _lora_config(model: nn.Module) -> LoRAConfig:
+    config = getattr(model, "lora_config", None)
+    if config is None or not lora_layers(model):
+        raise ValueError("The model has no LoRA layers; call apply_lora(model, config) first.")
+    return config
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What an adapter holds: every trained parameter (LoRA, head, and the biases / norms the config trains), plus
+    the running statistics of norm layers that train."""
+    config = _lora_config(model)
+    names = trainable_names(model, config)
+    state = model.state_dict()
+    out = {n: state[n] for n in names}
+    if config.train_norm:
+        norm_modules = {n.rpartition(".")[0] for n in names if "lora_" not in n}
+        out.update({n: b for n, b in model.named_buffers() if n.rpartition(".")[0] in norm_modules and n in state})
+    return {n: t.detach().contiguous().cpu() for n, t in sorted(out.items())}
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None, metadata: dict | None = None
+) -> Path:
+    """Write `adapter.safetensors` (LoRA + head weights only) and `adapter_config.json` into `directory`.
+
+    Args:
+        model: a model adapted by `apply_lora`.
+        directory: created if missing.
+        class_names: the label of each output index, kept with the adapter.
+        metadata: extra JSON values to record, e.g. how the base weights were obtained.
+
+    Returns:
+        The directory.
+    """
+    config = _lora_config(model)
+    directory = Path(directory)
+    num_classes = int(getattr(model, "num_classes", 0))
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given for a head with {num_classes} classes.")
+    layers = lora_layers(model)
+    info = {
+        "format": _FORMAT,
+        "model_name": _model_name(model),
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "lora_config": config.to_dict(),
+        "adapted_modules": list(layers),
+        "merged": any(layer.merged for layer in layers.values()),
+        "versions": _versions(),
+        **(metadata or {}),
+    }
+    if info["merged"]:
+        raise ValueError("The LoRA layers are merged; unmerge them before saving an adapter.")
+    state = adapter_state_dict(model)
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(info, indent=2, ensure_ascii=False)
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The JSON config of an adapter directory.
+
+    Raises:
+        FileNotFoundError: the directory lacks the adapter files.
+        ValueError: the JSON is not a vision_lora adapter config.
+    """
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found; is {directory} an adapter directory?")
+    info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if not isinstance(info, dict) or info.get("format") != _FORMAT:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} is not a vision_lora adapter config.")
+    return info
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Apply the adapter in `directory` to the base model `model` (in place) and load its weights.
+
+    Raises:
+        ValueError: the adapter was trained on another backbone or head size, the model already has LoRA, or the
+            weights file does not match the adapter config.
+    """
+    info = read_adapter_config(directory)
+    name = _model_name(model)
+    if info["model_name"] != name:
+        raise ValueError(f"The adapter in {directory} was trained on {info['model_name']!r}, not {name!r}.")
+    num_classes = int(getattr(model, "num_classes", 0))
+    if info["num_classes"] != num_classes:
+        raise ValueError(
+            f"The adapter in {directory} has a {info['num_classes']}-class head but the model has {num_classes}; "
+            f"create the model with num_classes={info['num_classes']}."
+        )
+    config = LoRAConfig(**{**info["lora_config"], "target_modules": info["adapted_modules"], "exclude_modules": []})
+    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    apply_lora(model, config)
+    model.lora_config = LoRAConfig(**info["lora_config"])
+    expected = set(adapter_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the plain timm model with every LoRA update merged, without changing `model`."""
+    state = model.state_dict()
+    layers = lora_layers(model)
+    renamed = {}
+    for key, value in state.items():
+        if "lora_" in key.rpartition(".")[2]:
+            continue
+        for name in layers:
+            prefix = f"{name}.base_layer."
+            if key.startswith(prefix):
+                key = f"{name}.{key[len(prefix) :]}"
+                break
+        renamed[key] = value
+    for name, layer in layers.items():
+        renamed[f"{name}.weight"] = layer.merged_weight()
+    return {k: v.detach().contiguous().cpu() for k, v in renamed.items()}
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the merged plain-timm state dict so that `timm.create_model(name, num_classes=N, checkpoint_path=path)`
+    loads it without vision_lora. A `.safetensors` suffix writes safetensors, anything else a torch state dict."""
+    path = Path(path)
+    state = merged_state_dict(model)
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    else:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path

@@ -1,0 +1,445 @@
+"""Find LoRA targets in a timm model (patterns, family presets), wrap them, freeze the rest, report; merge, unwrap."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from timm.layers import Conv2dSame
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAReport",
+    "LoRAReportRow",
+    "PRESETS",
+    "apply_lora",
+    "classifier_names",
+    "lora_layers",
+    "mark_trainable",
+    "merge_lora",
+    "resolve_targets",
+    "trainable_names",
+]
+
+_SUPPORTED = (nn.Linear, nn.Conv2d, Conv2dSame)
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how.
+
+    Args:
+        r: rank of the update B·A.
+        lora_alpha: the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`).
+        lora_dropout: dropout on the input of the LoRA branch during training.
+        target_modules: module-name patterns: globs on the dotted name (a bare name such as "qkv" also matches as a
+            suffix), "re:<regex>" for a full-match regex, or "preset:<name>" (see `PRESETS`). None: the preset of the
+            model's family ("preset:auto").
+        exclude_modules: patterns, in the same syntax, removed from what `target_modules` selects.
+        qkv_slices: which slices of a fused attention qkv projection are adapted, a subset of "qkv".
+        use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        bias: which biases also train: "none", "all", or "lora_only" (those of the adapted layers).
+        train_norm: also train normalization layers (and let BatchNorm statistics update).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    qkv_slices: str = "qv"
+    use_rslora: bool = False
+    bias: str = "none"
+    train_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}.")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if (
+            not self.qkv_slices
+            or set(self.qkv_slices) - set("qkv")
+            or len(set(self.qkv_slices)) != len(self.qkv_slices)
+        ):
+            raise ValueError(f"qkv_slices must be a non-empty subset of 'qkv' such as 'qv', got {self.qkv_slices!r}.")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = [self.exclude_modules]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable values."""
+        return asdict(self)
+
+
+@dataclass
+class LoRAReportRow:
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    rank: int
+    params: int
+
+
+@dataclass
+class LoRAReport:
+    """One row per adapted module plus trainable / total parameter counts of the whole model."""
+
+    rows: list[LoRAReportRow]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def lora_params(self) -> int:
+        return sum(row.params for row in self.rows)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        header = ("module", "kind", "in -> out", "rank", "params")
+        lines = [
+            (r.name, r.kind, f"{r.in_features} -> {r.out_features}", str(r.rank), f"{r.params:,}") for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:{'>' if i >= 3 else '<'}{w}}}" for i, w in enumerate(widths))
+        table = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines]
+        table.append(
+            f"{len(self.rows)} adapted modules, {self.lora_params:,} LoRA params; trainable {self.trainable_params:,} "
+            f"/ {self.total_params:,} ({self.trainable_percent:.2f}%)"
+        )
+        return "\n".join(table)
+
+
+# ---------------------------------------------------------------------------------------------------------- presets
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+
+
+def _attention_preset(model: nn.Module) -> list[str]:
+    """Every fused attention qkv projection (ViT, DeiT, BEiT, EVA, Swin)."""
+    return [n for n, m in model.named_modules() if n.split(".")[-1] == "qkv" and isinstance(m, nn.Linear)]
+
+
+def _convnext_preset(model: nn.Module) -> list[str]:
+    """The channel-MLP layers of every ConvNeXt block, Linear or 1×1 conv."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if re.search(r"\.mlp\.fc[12]$", n) and (isinstance(m, nn.Linear) or _is_pointwise_conv(m))
+    ]
+
+
+def _pointwise_preset(model: nn.Module) -> list[str]:
+    """Every 1×1 conv (expansion, projection, head conv of EfficientNet / MobileNet), squeeze-excite gates excepted."""
+    return [n for n, m in model.named_modules() if _is_pointwise_conv(m) and ".se." not in f".{n}."]
+
+
+def _resnet_preset(model: nn.Module) -> list[str]:
+    """The 1×1 convs of each residual block (bottleneck conv1/conv3, downsample); a block with none (BasicBlock)
+    contributes its k×k convs instead."""
+    names = []
+    for block_name, block in model.named_modules():
+        if not re.fullmatch(r"layer\d+\.\d+", block_name):
+            continue
+        convs = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and n]
+        own = [(n, m) for n, m in convs if not n.startswith("downsample")]
+        if any(_is_pointwise_conv(m) for _, m in own):
+            convs = [(n, m) for n, m in convs if _is_pointwise_conv(m)]
+        names += [f"{block_name}.{n}" for n, _ in convs]
+    return names
+
+
+_FAMILY_OF_CLASS = {
+    "VisionTransformer": "vit",
+    "VisionTransformerDistilled": "vit",
+    "Beit": "vit",
+    "Eva": "vit",
+    "SwinTransformer": "swin",
+    "SwinTransformerV2": "swin",
+    "ConvNeXt": "convnext",
+    "EfficientNet": "efficientnet",
+    "MobileNetV3": "efficientnet",
+    "ResNet": "resnet",
+}
+
+
+def _auto_preset(model: nn.Module) -> list[str]:
+    """The preset of the model's family; for an unknown family, attention qkv if any, else all 1×1 convs."""
+    family = _FAMILY_OF_CLASS.get(type(model).__name__)
+    if family is not None:
+        return PRESETS[family](model)
+    return _attention_preset(model) or _pointwise_preset(model)
+
+
+PRESETS: dict[str, Callable[[nn.Module], list[str]]] = {
+    "auto": _auto_preset,
+    "vit": _attention_preset,
+    "swin": _attention_preset,
+    "attention": _attention_preset,
+    "convnext": _convnext_preset,
+    "efficientnet": _pointwise_preset,
+    "pointwise": _pointwise_preset,
+    "resnet": _resnet_preset,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- target search
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Dotted names of the classifier head module(s), from `get_classifier()` and `pretrained_cfg['classifier']`."""
+    by_id = {id(m): n for n, m in model.named_modules()}
+    names = []
+    if hasattr(model, "get_classifier"):
+        heads = model.get_classifier()
+        for head in heads if isinstance(heads, (tuple, list)) else [heads]:
+            if id(head) in by_id and sum(p.numel() for p in head.parameters()):
+                names.append(by_id[id(head)])
+    cfg_names = getattr(model, "pretrained_cfg", {}).get("classifier") or []
+    modules = dict(model.named_modules())
+    for n in [cfg_names] if isinstance(cfg_names, str) else cfg_names:
+        if n in modules and n not in names and sum(p.numel() for p in modules[n].parameters()):
+            names.append(n)
+    return names
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _select(model: nn.Module, pattern: str) -> list[str]:
+    if pattern.startswith("preset:"):
+        preset = pattern[len("preset:") :]
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown LoRA preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        return PRESETS[preset](model)
+    return [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+
+
+def _adaptable(m: nn.Module) -> bool:
+    return type(m) in _SUPPORTED and not (isinstance(m, nn.Conv2d) and m.groups != 1)
+
+
+def _why_not(name: str, m: nn.Module, heads: list[str]) -> str | None:
+    """Why module `name` cannot be a LoRA target, or None when it can."""
+    if any(name == h or name.startswith(h + ".") for h in heads):
+        return f"'{name}' is (part of) the classifier head, which trains in full; leave it out of the targets"
+    if isinstance(m, LoRALayer):
+        return f"'{name}' already has LoRA"
+    if type(m) in _SUPPORTED:
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            return f"'{name}' is a grouped/depthwise conv (groups={m.groups}), which LoRA does not adapt"
+        return None
+    if not any(True for _ in m.parameters(recurse=False)) and any(True for _ in m.children()):
+        inner = [f"{name}.{n}" for n, c in m.named_modules() if n and _adaptable(c)][:4]
+        hint = f"; target its layers instead, e.g. {', '.join(inner)}" if inner else ""
+        return f"'{name}' is a container module ({type(m).__name__}){hint}"
+    return (
+        f"'{name}' is a {type(m).__name__}, which LoRA cannot adapt (supported: nn.Linear, nn.Conv2d, timm Conv2dSame)"
+    )
+
+
+def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The dotted names of the modules `config` selects in `model`, in model order.
+
+    Raises:
+        ValueError: a pattern matches nothing, or matches a module LoRA cannot adapt.
+    """
+    modules = dict(model.named_modules())
+    heads = classifier_names(model)
+    adaptable = [n for n, m in modules.items() if n and _adaptable(m) and _why_not(n, m, heads) is None]
+    patterns = config.target_modules if config.target_modules is not None else ["preset:auto"]
+    if not patterns:
+        raise ValueError("target_modules is empty; give module-name patterns or leave it unset for the preset.")
+    excluded = {n for p in config.exclude_modules for n in _select(model, p)}
+    selected: set[str] = set()
+    for pattern in patterns:
+        names = [n for n in _select(model, pattern) if n not in excluded]
+        if pattern.startswith("preset:"):
+            names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
+        if not names:
+            close = difflib.get_close_matches(pattern, adaptable, n=5, cutoff=0.3) or adaptable[:5]
+            raise ValueError(
+                f"LoRA target pattern {pattern!r} matches no module of {type(model).__name__}. "
+                f"Adaptable modules include: {', '.join(close)}."
+            )
+        for n in names:
+            reason = _why_not(n, modules[n], heads)
+            if reason is not None:
+                raise ValueError(f"LoRA target pattern {pattern!r} matches {reason}.")
+        selected.update(names)
+    return [n for n in modules if n in selected]
+
+
+# --------------------------------------------------------------------------------------------- wrapping / freezing
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """The LoRA layers of `model` by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def _wrap(name: str, module: nn.Module, config: LoRAConfig) -> LoRALayer:
+    args = (module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d(*args)
+    if name.split(".")[-1] == "qkv" and module.out_features % 3 == 0:
+        return LoRAQKVLinear(*args, slices=config.qkv_slices)
+    return LoRALinear(*args)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, nn.modules.normalization.RMSNorm)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, _NORM_TYPES) or "Norm" in type(m).__name__
+
+
+def trainable_names(model: nn.Module, config: LoRAConfig) -> set[str]:
+    """Names of the parameters that train under `config`: every `lora_*` parameter, the classifier head, and the
+    biases / norm layers the config asks for. Freezing and adapter files both follow this one rule."""
+    heads = classifier_names(model)
+    adapted = set(lora_layers(model))
+    norm_prefixes = {n for n, m in model.named_modules() if _is_norm(m) and not isinstance(m, LoRALayer)}
+    names = set()
+    for n, _ in model.named_parameters():
+        module, _, leaf = n.rpartition(".")
+        if "lora_" in n or any(n.startswith(h + ".") for h in heads):
+            names.add(n)
+        elif leaf == "bias" and (
+            config.bias == "all" or (config.bias == "lora_only" and module.removesuffix(".base_layer") in adapted)
+        ):
+            names.add(n)
+        elif config.train_norm and module in norm_prefixes:
+            names.add(n)
+    return names
+
+
+def _train_keeps_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return super(type(self), self).train(False)
+
+
+_FROZEN_NORM_CLASSES: dict[type, type] = {}
+
+
+def _freeze_norm_stats(m: _BatchNorm) -> None:
+    """Keep a frozen BatchNorm in eval mode whatever `model.train()` says, so its running statistics never move.
+
+    The class is swapped for a subclass that only overrides `train`: state-dict keys and forward are unchanged, and
+    `merge_lora` swaps the original class back.
+    """
+    cls = type(m)
+    if cls not in _FROZEN_NORM_CLASSES:
+        _FROZEN_NORM_CLASSES[cls] = type(f"Frozen{cls.__name__}", (cls,), {"train": _train_keeps_eval})
+    m.__class__ = _FROZEN_NORM_CLASSES[cls]
+    m.train(False)
+
+
+def _restore_norm_classes(model: nn.Module) -> None:
+    frozen = set(_FROZEN_NORM_CLASSES.values())
+    for m in model.modules():
+        if type(m) in frozen:
+            m.__class__ = type(m).__bases__[0]
+
+
+def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
+    """Set `requires_grad` from `trainable_names` and pin the statistics of every frozen BatchNorm."""
+    names = trainable_names(model, config)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    _restore_norm_classes(model)
+    if not config.train_norm:
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats:
+                _freeze_norm_stats(m)
+
+
+def _report(model: nn.Module) -> LoRAReport:
+    rows = []
+    for name, layer in lora_layers(model).items():
+        w = layer.base_layer.weight
+        rows.append(
+            LoRAReportRow(
+                name=name,
+                kind=layer.kind,
+                in_features=w.shape[1],
+                out_features=w.shape[0],
+                rank=layer.r,
+                params=layer.lora_A.numel() + layer.lora_B.numel(),
+            )
+        )
+    return LoRAReport(
+        rows=rows,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport:
+    """Wrap the modules of `model` that `config.target_modules` selects with LoRA layers and freeze everything but
+    the LoRA parameters, the classifier head and what the config adds. The model is changed in place.
+
+    Returns:
+        The report of adapted modules and parameter counts; `str(report)` is a printable table.
+
+    Raises:
+        ValueError: LoRA is already applied, a target matches nothing or a module LoRA cannot adapt, or the rank does
+            not fit a target. Nothing is changed when this is raised.
+    """
+    config = config or LoRAConfig()
+    if lora_layers(model):
+        raise ValueError("LoRA is already applied to this model; merge_lora(model) first or start from the base model.")
+    targets = resolve_targets(model, config)
+    layers = {}
+    for name in targets:
+        try:
+            layers[name] = _wrap(name, model.get_submodule(name), config)
+        except ValueError as err:
+            raise ValueError(f"Cannot adapt '{name}': {err}") from None
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    model.lora_config = config
+    mark_trainable(model, config)
+    return _report(model)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update into its base weight and put the original modules back, in place.
+
+    Returns:
+        The plain timm model: original module classes, original state-dict keys, all parameters trainable.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    _restore_norm_classes(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    return model

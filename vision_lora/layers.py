@@ -1,0 +1,319 @@
+"""LoRA layers: y = base(x) + s · B(A(dropout(x))) for Linear, fused qkv Linear and Conv2d; merge / unmerge.
+
+Every adapter parameter is named `lora_A` / `lora_B`; the frozen original layer is kept as `base_layer`. Each layer
+writes its update as a product of two matrices, ΔW = s · B₂ A₂ (`_factors`), from which the merged weight, the
+eval-mode folded weight and the rank all follow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.conv2d_same import conv2d_same
+from torch import Tensor, nn
+
+__all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "lora_scaling"]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The factor s that multiplies B·A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _init_lora_A(weight: Tensor, fan_in: int) -> None:
+    # Like nn.Linear's default init (kaiming-uniform, a=sqrt(5)): uniform in ±1 / sqrt(fan_in).
+    nn.init.uniform_(weight, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+
+def _factory(base_layer: nn.Module) -> dict:
+    return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+
+
+class LoRALayer(nn.Module):
+    """Common state of a LoRA-wrapped layer: the frozen `base_layer`, rank, scaling, dropout and the merged flag.
+
+    Subclasses create `lora_A` / `lora_B` and implement `_factors` and `_forward_train`. In eval mode the update is
+    folded into the weight (one GEMM or conv instead of two branches); without autograd that folded weight is cached
+    until a parameter changes.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+    ) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}.")
+        if lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {lora_alpha}.")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        # No module at all at p=0: dropout would cost a copy of the input for nothing.
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self._unmerged_weight: Tensor | None = None
+        self._fold_cache: tuple[tuple, Tensor] | None = None
+
+    def __getattr__(self, name: str):
+        # Attributes of the wrapped layer (in_features, kernel_size, ...) stay readable through the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- the update --------------------------------------------------------------------------------------------------
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """(B₂, A₂) with ΔW = s · B₂ @ A₂ reshaped like the base weight: B₂ (out, k), A₂ (k, fan_in)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """s·B·A shaped like the base weight."""
+        b, a = self._factors()
+        return (b @ a * self.scaling).view_as(self.base_layer.weight)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight W + s·B·A, differentiable in A and B.
+
+        Code that bypasses the module call and reads `.weight` directly (timm's BEiT, EVA and SwinV2 attention call
+        `F.linear(x, self.qkv.weight, bias)`) therefore still trains and runs the adapter.
+        """
+        w = self.base_layer.weight
+        if self.merged:
+            return w
+        b, a = self._factors()
+        return torch.addmm(w.view(w.shape[0], -1), b, a, alpha=self.scaling).view_as(w)  # W + s·B·A in one op
+
+    def _folded_weight(self) -> Tensor:
+        """`weight`, cached while autograd is off and neither W, A nor B has changed since it was computed."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.weight
+        w, a, b = self.base_layer.weight, self.lora_A, self.lora_B
+        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), self.merged)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            self._fold_cache = (key, self.weight)
+        return self._fold_cache[1]
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.training:
+            self._fold_cache = None
+            return self._forward_train(x)
+        return self._forward_folded(x, self._folded_weight())
+
+    # -- merge -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """W + s·B·A computed in float32 whatever the weight dtype, cast once to the weight dtype.
+
+        Raises:
+            ValueError: the result is not finite in the weight's dtype (for example an fp16 overflow).
+        """
+        w = self.base_layer.weight
+        if self.merged:
+            return w.detach().clone()
+        b, a = self._factors()
+        merged = torch.addmm(w.float().view(w.shape[0], -1), b.float(), a.float(), alpha=self.scaling).view_as(w)
+        merged_cast = merged.to(w.dtype)
+        if not torch.isfinite(merged_cast).all():
+            what = "overflows" if torch.isfinite(merged).all() else "is not finite"
+            raise ValueError(
+                f"Merging LoRA into a {w.dtype} weight of shape {tuple(w.shape)} {what}; the base weight was left "
+                f"unchanged. Merge in float32 (model.float()) or check the adapter for inf/NaN values."
+            )
+        return merged_cast
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write W + s·B·A into the base weight, so the layer costs exactly what the base layer costs.
+
+        The original weight is kept so that `unmerge` restores it bit for bit. A no-op when already merged.
+
+        Raises:
+            ValueError: the merged weight is not finite in the weight's dtype; nothing is changed then.
+        """
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        self._unmerged_weight = self.base_layer.weight.detach().clone()
+        self.base_layer.weight.copy_(merged)
+        self.merged = True
+        self._fold_cache = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact original base weight. A no-op when not merged."""
+        if not self.merged:
+            return
+        assert self._unmerged_weight is not None
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around an `nn.Linear`: A (r, in), B (out, r)."""
+
+    def __init__(
+        self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+    ) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        out_f, in_f = base_layer.weight.shape
+        if r > min(in_f, out_f):
+            raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_f, out_f)} of a {in_f}->{out_f} Linear.")
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **_factory(base_layer)))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **_factory(base_layer)))
+        _init_lora_A(self.lora_A, in_f)
+
+    @property
+    def kind(self) -> str:
+        return "linear"
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_B, self.lora_A
+
+    def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)  # (..., out)
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        # out + s · h @ Bᵀ as one fused GEMM.
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+        return flat.view(out.shape)
+
+
+class LoRAQKVLinear(LoRALayer):
+    """LoRA around a fused attention projection (timm `Attention.qkv`, out = 3·dim) that adapts a chosen subset of
+    the q, k and v slices, each with its own A (r, in) and B (dim, r); unselected slices get an update of exactly 0.
+
+    `lora_A` is (S, r, in) and `lora_B` is (S, dim, r) for the S selected slices, in q, k, v order. Training runs
+    one GEMM for the A's of all slices and one for all B's.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        slices: str = "qv",
+    ) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        out_f, in_f = base_layer.weight.shape
+        if out_f % 3:
+            raise ValueError(f"A fused qkv Linear needs out_features divisible by 3, got {out_f}.")
+        if not slices or set(slices) - set("qkv") or len(set(slices)) != len(slices):
+            raise ValueError(f"qkv slices must be a non-empty subset of 'qkv' such as 'qv', got {slices!r}.")
+        dim = out_f // 3
+        if r > min(in_f, dim):
+            raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_f, dim)} of a {in_f}->{dim} qkv slice.")
+        self.slices = "".join(c for c in "qkv" if c in slices)
+        self.dim = dim
+        n = len(self.slices)
+        self.lora_A = nn.Parameter(torch.empty(n, r, in_f, **_factory(base_layer)))
+        self.lora_B = nn.Parameter(torch.zeros(n, dim, r, **_factory(base_layer)))
+        _init_lora_A(self.lora_A, in_f)
+        # Output rows of the selected slices, in the row order of the block-diagonal B below.
+        rows = torch.cat([torch.arange(dim) + "qkv".index(c) * dim for c in self.slices])
+        self.register_buffer("_rows", rows.to(base_layer.weight.device), persistent=False)
+
+    @property
+    def kind(self) -> str:
+        return f"qkv[{','.join(self.slices)}]"
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        # B of all selected slices as one (3·dim, S·r) matrix: block-diagonal, zero rows for unselected slices.
+        block = torch.block_diag(*self.lora_B.unbind(0))  # (S·dim, S·r)
+        if len(self.slices) < 3:
+            block = block.new_zeros(3 * self.dim, block.shape[1]).index_copy(0, self._rows, block)
+        return block, self.lora_A.reshape(-1, self.lora_A.shape[-1])  # (3·dim, S·r), (S·r, in)
+
+    def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)  # (..., 3·dim)
+        b, a = self._factors()
+        h = F.linear(self.lora_dropout(x), a)  # (..., S·r)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+        return flat.view(out.shape)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around an `nn.Conv2d` (timm's same-padding `Conv2dSame` included): A is a k×k conv to r channels with the
+    base conv's stride, padding and dilation, B a 1×1 conv back to the output channels. Grouped convs are refused."""
+
+    def __init__(
+        self, base_layer: nn.Conv2d, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+    ) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA cannot adapt a grouped/depthwise conv (groups={base_layer.groups}); leave it out of the targets."
+            )
+        out_c, in_c, kh, kw = base_layer.weight.shape
+        if r > min(in_c * kh * kw, out_c):
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(in·k·k, out) = {min(in_c * kh * kw, out_c)} of a "
+                f"{in_c}->{out_c} {kh}x{kw} Conv2d."
+            )
+        self.lora_A = nn.Parameter(torch.empty(r, in_c, kh, kw, **_factory(base_layer)))
+        self.lora_B = nn.Parameter(torch.zeros(out_c, r, 1, 1, **_factory(base_layer)))
+        _init_lora_A(self.lora_A, in_c * kh * kw)
+
+    @property
+    def kind(self) -> str:
+        kh, kw = self.base_layer.kernel_size
+        return f"conv{kh}x{kw}"
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_B.view(self.lora_B.shape[0], self.r), self.lora_A.view(self.r, -1)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Convolve with the base layer's geometry (stride, padding or same-padding, dilation) and another weight."""
+        base = self.base_layer
+        if isinstance(base, Conv2dSame):
+            return conv2d_same(x, weight, bias, base.stride, base.padding, base.dilation, 1)
+        return base._conv_forward(x, weight, bias)
+
+    def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv(x, weight, self.base_layer.bias)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)  # (N, out, H', W')
+        h = self._conv(self.lora_dropout(x), self.lora_A, None)  # (N, r, H', W')
+        # Scaling folded into the small B weight instead of the activation.
+        return out + F.conv2d(h, self.lora_B * self.scaling)
