@@ -7,6 +7,10 @@ from .weights import create_backbone
 
 __all__ = [
     "PRESETS",
+    "ImageFolderDataModule",
+    "LoRAClassifier",
+    "export_onnx",
+    "load_rgb",
     "LoRAConfig",
     "LoRAConv2d",
     "LoRALayer",
@@ -22,3 +26,14 @@ __all__ = [
     "save_merged",
 ]
 __version__ = "0.1.0"
+
+# The Lightning pieces import lightning (slow); they load on first use: `from vision_lora import LoRAClassifier`.
+_LAZY = {"LoRAClassifier": "module", "ImageFolderDataModule": "data", "load_rgb": "data", "export_onnx": "export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

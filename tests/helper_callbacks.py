@@ -1,0 +1,30 @@
+"""Callbacks the CLI tests load by class path (`--trainer.callbacks+=helper_callbacks.X`)."""
+
+from __future__ import annotations
+
+import lightning as L
+from safetensors.torch import save_file
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashMidEpoch(L.Callback):
+    """Stops the run with an exception before batch `batch` of epoch `epoch`, like a crash would."""
+
+    def __init__(self, epoch: int = 1, batch: int = 2) -> None:
+        self.epoch = epoch
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Crash(f"crash in epoch {self.epoch} before batch {self.batch}")
+
+
+class DumpRankWeights(L.Callback):
+    """At the end of fit each rank writes its trained tensors to `rank<N>.safetensors` in the working directory."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items() if "lora_" in k or "fc." in k}
+        save_file(state, f"rank{trainer.global_rank}.safetensors")

@@ -1,0 +1,159 @@
+"""The `vision-lora` command: LightningCLI with fit / validate / test / predict and an `export` subcommand."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from .adapter import load_adapter, read_adapter_config, save_merged
+from .callbacks import AtomicCheckpointIO, PredictionWriter, SaveBestAdapter
+from .data import IMAGE_EXTENSIONS, ImageFolderDataModule, load_rgb
+from .module import LoRAClassifier
+from .weights import create_backbone
+
+__all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main"]
+
+
+def _model_from_adapter(directory: str) -> tuple[torch.nn.Module, list[str] | None, dict]:
+    """The base model with the adapter of `directory` applied, its class names and its preprocessing."""
+    from timm.data import resolve_model_data_config
+
+    info = read_adapter_config(directory)
+    model = create_backbone(info["model_name"], num_classes=info["num_classes"], weights=info.get("weights", "random"))
+    load_adapter(model, directory)
+    return model, info.get("class_names"), info.get("data_config") or resolve_model_data_config(model)
+
+
+def _verify_images(directory: str, data_config: dict, limit: int) -> torch.Tensor:
+    from timm.data import create_transform
+
+    transform = create_transform(**data_config)
+    paths = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    if not paths:
+        raise ValueError(f"No images found in --verify_dir {directory}.")
+    return torch.stack([transform(load_rgb(p)) for p in paths])
+
+
+class VisionLoRATrainer(L.Trainer):
+    """Lightning's Trainer plus `export`: merge the adapter and write ONNX (verified in onnxruntime) or timm weights."""
+
+    def export(
+        self,
+        model: LoRAClassifier,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        adapter: str | None = None,
+        output: str = "model.onnx",
+        format: str = "onnx",  # noqa: A002 - the CLI flag users type
+        opset: int = 18,
+        fp16: bool = False,
+        verify_dir: str | None = None,
+        verify_limit: int = 64,
+    ) -> None:
+        """Merge LoRA into the backbone and export it.
+
+        Args:
+            model: the LoRAClassifier (rebuilt from the checkpoint's hyperparameters when `ckpt_path` is given).
+            datamodule: unused.
+            ckpt_path: a checkpoint written by `vision-lora fit`.
+            adapter: an adapter directory written by `vision-lora fit` (instead of `ckpt_path`).
+            output: the file to write.
+            format: "onnx" (verified against onnxruntime) or "timm" (a merged state dict that
+                `timm.create_model(name, num_classes=N, checkpoint_path=output)` loads; .safetensors or .pth).
+            opset: ONNX opset version.
+            fp16: write fp16 ONNX weights (verified with a looser tolerance).
+            verify_dir: a folder of real images to also verify the ONNX file on.
+            verify_limit: at most this many images of `verify_dir`.
+        """
+        from .export import export_onnx
+
+        if (ckpt_path is None) == (adapter is None):
+            raise ValueError("export needs exactly one of --ckpt_path or --adapter.")
+        if format not in ("onnx", "timm"):
+            raise ValueError(f"--format must be 'onnx' or 'timm', got {format!r}.")
+        if adapter is not None:
+            net, class_names, data_config = _model_from_adapter(adapter)
+        else:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"])
+            net, class_names, data_config = model.model, model.class_names, model.data_config
+        if format == "timm":
+            path = save_merged(net, output)
+            rank_zero_info(f"Merged timm checkpoint written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return
+        images = _verify_images(verify_dir, data_config, verify_limit) if verify_dir else None
+        report = export_onnx(
+            net, output, class_names=class_names, data_config=data_config, opset=opset, fp16=fp16, images=images
+        )
+        rank_zero_info(str(report))
+
+
+class VisionLoRACLI(LightningCLI):
+    """LightningCLI for LoRAClassifier + ImageFolderDataModule: the data decides the head size and class names."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:02d}-{val_acc:.4f}",
+            }
+        )
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        callbacks = [SaveBestAdapter(), PredictionWriter(), LearningRateMonitor(logging_interval="epoch")]
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks[:0] = callbacks
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs",
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `vision-lora`; `args` replaces `sys.argv[1:]` (for tests and notebooks).
+
+    Errors a user can fix (bad paths, options, data) end with one line on stderr and exit status 1; set
+    VISION_LORA_TRACEBACK=1 to see the traceback.
+    """
+    try:
+        VisionLoRACLI(
+            LoRAClassifier,
+            ImageFolderDataModule,
+            trainer_class=VisionLoRATrainer,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("VISION_LORA_TRACEBACK"):
+            raise
+        print(f"vision-lora: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

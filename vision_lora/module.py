@@ -1,0 +1,360 @@
+"""LoRAClassifier: the LightningModule that builds a timm backbone, adapts it with LoRA and trains adapters + head."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from timm.data import Mixup, resolve_model_data_config
+from timm.loss import SoftTargetCrossEntropy
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from .adapter import adapter_state_dict
+from .callbacks import run_dir
+from .inject import LoRAConfig, apply_lora, classifier_names
+from .weights import create_backbone
+
+__all__ = ["LoRAClassifier"]
+
+# Frozen BatchNorm layers stay in eval mode during training on purpose (their statistics are part of the backbone).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class LoRAClassifier(L.LightningModule):
+    """A timm classifier fine-tuned with LoRA: adapters and the classifier head train, the backbone stays frozen.
+
+    Checkpoints hold only what trains (plus optimizer state and these hyperparameters), so a ViT-B run writes about
+    a megabyte; loading one accepts exactly the frozen backbone keys as missing. (With `weights="random"` the
+    backbone cannot be rebuilt from its name, so checkpoints then keep it in full.)
+
+    Args:
+        backbone: timm model name, e.g. "vit_base_patch16_224.augreg_in21k" or "tf_efficientnet_lite0".
+        weights: backbone weights: "random", "hub" (timm's pretrained download), "offline" (packaged weights, e.g.
+            for tf_efficientnet_lite0), or the path of a .pth / .safetensors file.
+        num_classes: classes of the new head; linked from the data. None: taken from `class_names`, or from the
+            checkpoint being loaded.
+        class_names: label of each class index; linked from the data.
+        r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scaling = lora_alpha / r).
+        lora_dropout: dropout on the LoRA branch input.
+        target_modules: module-name patterns (globs, "re:<regex>", "preset:<name>"); None: the family preset.
+        exclude_modules: patterns removed from the targets.
+        qkv_slices: which of q, k, v a fused attention qkv adapts.
+        use_rslora: scale by lora_alpha / sqrt(r).
+        bias: which biases also train: "none", "all" or "lora_only".
+        train_norm: also train normalization layers.
+        lr: learning rate of the LoRA parameters.
+        head_lr: learning rate of the classifier head (and other trained non-LoRA parameters); None: `lr`.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        warmup_fraction: fraction of all training steps spent in linear warmup before the cosine decay.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        mixup_alpha: timm mixup alpha; 0 disables mixup.
+        cutmix_alpha: timm cutmix alpha; 0 disables cutmix.
+        drop_path_rate: stochastic depth of the backbone; None keeps timm's default.
+        grad_checkpointing: timm activation checkpointing of the backbone blocks (less memory, more compute).
+        channels_last: run ConvNets in channels-last memory format.
+        data_config: the preprocessing the model is trained with (input_size, mean, std, interpolation, crop_pct),
+            recorded from the data at the start of fit so that test / predict / export of a checkpoint preprocess
+            the same way; None: the backbone's timm data config.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str = "random",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        qkv_slices: str = "qv",
+        use_rslora: bool = False,
+        bias: str = "none",
+        train_norm: bool = False,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.05,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+        channels_last: bool = False,
+        data_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+        if num_classes is None and class_names is not None:
+            num_classes = len(class_names)
+        self.save_hyperparameters()
+        self.lora_config = LoRAConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            exclude_modules=list(exclude_modules or []),
+            qkv_slices=qkv_slices,
+            use_rslora=use_rslora,
+            bias=bias,
+            train_norm=train_norm,
+        )
+        kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+        self.model = create_backbone(backbone, num_classes=num_classes, weights=weights, **kwargs)
+        self.data_config = dict(data_config) if data_config else resolve_model_data_config(self.model)
+        self.report = apply_lora(self.model, self.lora_config)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._build_metrics()
+        self._mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self._mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=self.num_classes,
+            )
+        self._checked_grads = False
+
+    # -- model ---------------------------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    def _build_metrics(self) -> None:
+        n = self.num_classes
+        metrics = {"acc": MulticlassAccuracy(n, top_k=1), "f1": MulticlassF1Score(n, average="macro")}
+        if n >= 5:
+            metrics["acc5"] = MulticlassAccuracy(n, top_k=5)
+        self.val_metrics = MetricCollection(metrics, prefix="val_")
+        self.test_metrics = self.val_metrics.clone(prefix="test_")
+        self.test_confmat = MulticlassConfusionMatrix(n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict keys (with the `model.` prefix) of everything a checkpoint keeps: what trains, or everything
+        when the backbone is randomly initialised and so cannot be rebuilt from its name."""
+        if self.hparams.weights == "random":
+            return set(self.state_dict())
+        return {f"model.{k}" for k in adapter_state_dict(self.model)}
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x, y = batch
+        if x.shape[0] == 0:  # every image of the batch was unreadable and skipped
+            return None
+        if self._mixup is not None and x.shape[0] % 2 == 0:
+            x, soft = self._mixup(x, y)
+            loss = SoftTargetCrossEntropy()(self(x), soft)
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> Tensor | None:
+        x, y = batch
+        if x.shape[0] == 0:
+            return None
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metrics.update(logits, y)
+        self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return logits
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        logits = self._eval_step(batch, self.test_metrics, "test")
+        if logits is not None:
+            self.test_confmat.update(logits, batch[1])
+
+    def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> dict:
+        x, paths = batch
+        if x.shape[0] == 0:
+            return {"paths": [], "probs": x.new_zeros(0, self.num_classes)}
+        return {"paths": list(paths), "probs": self(x).softmax(-1)}
+
+    # -- epoch ends ----------------------------------------------------------------------------------------------
+
+    def _report_bad_files(self, stage: str) -> None:
+        if self.trainer.sanity_checking:  # counted again in the first real validation epoch
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "report_bad_files"):
+            datamodule.report_bad_files(stage)
+
+    def on_train_epoch_end(self) -> None:
+        self._report_bad_files("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_bad_files("val")
+
+    def on_predict_epoch_end(self) -> None:
+        self._report_bad_files("predict")
+
+    def on_test_epoch_end(self) -> None:
+        self._report_bad_files("test")
+        matrix = self.test_confmat.compute().cpu()
+        self.test_confmat.reset()
+        self._write_confusion_matrix(matrix, run_dir(self.trainer))
+
+    @rank_zero_only
+    def _write_confusion_matrix(self, matrix: Tensor, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = self.class_names
+        with open(out_dir / "confusion_matrix.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true \\ predicted", *names])
+            for name, row in zip(names, matrix.tolist(), strict=True):
+                writer.writerow([name, *row])
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = max(4.0, 0.45 * len(names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(matrix.numpy(), cmap="Blues")
+        ax.set_xticks(range(len(names)), names, rotation=90)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if len(names) <= 30:
+            for i, row in enumerate(matrix.tolist()):
+                for j, v in enumerate(row):
+                    ax.text(j, i, int(v), ha="center", va="center", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "confusion_matrix.png", dpi=100)
+        plt.close(fig)
+        rank_zero_info(f"Confusion matrix written to {out_dir / 'confusion_matrix.csv'} and .png")
+
+    # -- optimization --------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = hp.lr if "lora_" in name else (hp.head_lr or hp.lr)
+            decay = 0.0 if p.ndim <= 1 else hp.weight_decay
+            groups.setdefault((lr, decay), []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(int(hp.warmup_fraction * total), total - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+        if warmup > 0:
+            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+        else:
+            schedule = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._checked_grads:
+            return
+        self._checked_grads = True
+        starved = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if starved:
+            raise ValueError(
+                f"{len(starved)} trainable parameters received no gradient in the first step, e.g. "
+                f"{', '.join(starved[:5])}. Something cuts them off from the loss (for example reentrant activation "
+                f"checkpointing over a frozen input); the run would train nothing there."
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["vision_lora"] = {
+            "backbone": self.hparams.backbone,
+            "architecture": self.model.pretrained_cfg.get("architecture"),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("vision_lora")
+        if info is None:
+            raise ValueError("This checkpoint was not written by vision_lora's LoRAClassifier.")
+        arch = self.model.pretrained_cfg.get("architecture")
+        if info["architecture"] != arch:
+            raise ValueError(f"The checkpoint was trained on {info['backbone']!r}; this model is {arch!r}.")
+        if info["num_classes"] != self.num_classes:
+            if self.hparams.num_classes is not None:
+                raise ValueError(
+                    f"The checkpoint has {info['num_classes']} classes but the model was built with "
+                    f"{self.num_classes} (from the data); point the data at the dataset the checkpoint was trained on."
+                )
+            self._resize_head(info["num_classes"], info["class_names"])
+        elif self.hparams.num_classes is None:
+            self.hparams.class_names = info["class_names"]
+
+    def _resize_head(self, num_classes: int, class_names: list[str]) -> None:
+        """Give a model built without a class count the head of the checkpoint it loads."""
+        self.model.reset_classifier(num_classes)
+        for name in classifier_names(self.model):
+            for p in self.model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        self.hparams.num_classes = num_classes
+        self.hparams.class_names = class_names
+        self._build_metrics()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a (trainable-only) state dict: the frozen backbone keys may be missing, nothing else may be.
+
+        Raises:
+            ValueError: a trained key is missing, a key is unknown, or a shape differs.
+        """
+        own = self.state_dict()
+        missing = set(own) - set(state_dict)
+        unexpected = set(state_dict) - set(own)
+        lacking = missing & self.trainable_state_keys()
+        if unexpected or (strict and lacking):
+            raise ValueError(
+                f"Checkpoint does not fit this model: missing trained keys {sorted(lacking)[:5]}, unexpected keys "
+                f"{sorted(unexpected)[:5]}. Was it written for another backbone or LoRA configuration?"
+            )
+        wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(
+                f"Checkpoint tensor {k} has shape {tuple(state_dict[k].shape)}, the model {tuple(own[k].shape)}; "
+                f"check num_classes, rank and targets."
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # -- info ----------------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        data_config = getattr(getattr(self.trainer, "datamodule", None), "data_config", None)
+        if data_config:
+            self.data_config = dict(data_config)
+            self.hparams.data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+        rank_zero_info(str(self.report))
