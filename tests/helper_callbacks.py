@@ -28,3 +28,20 @@ class DumpRankWeights(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         state = {k: v.detach().contiguous() for k, v in pl_module.state_dict().items() if "lora_" in k or "fc." in k}
         save_file(state, f"rank{trainer.global_rank}.safetensors")
+
+
+class SlowSteps(L.Callback):
+    """Makes every training step take a little longer, so that a test can kill a run in the middle of an epoch."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(0.3)
+
+
+class FailOnRank1(L.Callback):
+    """Rank 1 of a DDP run raises at its third training step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            raise RuntimeError("rank 1 failed on purpose")

@@ -197,3 +197,55 @@ def test_wrapper_exposes_base_attributes():
     assert layer.in_features == 8 and layer.out_features == 12
     assert layer.bias is layer.base_layer.bias
     assert all("lora_" in n for n, p in layer.named_parameters() if not n.startswith("base_layer."))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoRALinear(nn.Linear(12, 20), 4, 8),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qv"),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="k"),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qkv"),
+    ],
+    ids=["linear", "qkv-qv", "qkv-k", "qkv-all"],
+)
+def test_fused_training_path_has_the_gradients_of_the_plain_formula(make):
+    """The training forward folds the update into one GEMM with a hand-written backward; its output and gradients
+    (input, A, B, and bias / weight when they train) must be those of y = base(x) + s·x Aᵀ Bᵀ."""
+    layer = _randomize(make()).train()
+    layer.base_layer.bias.requires_grad_(True)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    fast = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.base_layer.bias, layer.base_layer.weight)]
+
+    for t in (x, layer.lora_A, layer.lora_B, layer.base_layer.bias, layer.base_layer.weight):
+        t.grad = None
+    plain = layer.base_layer(x) + x @ layer.delta_weight().T  # autograd through the explicit formula
+    plain.pow(2).sum().backward()
+    ref = [t.grad for t in (x, layer.lora_A, layer.lora_B, layer.base_layer.bias, layer.base_layer.weight)]
+    for got, want in zip(fast, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_training_path_under_bf16_autocast():
+    layer = _randomize(LoRAQKVLinear(nn.Linear(16, 48), 4, 8)).train()
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    expected = layer.base_layer(x) + x @ layer.delta_weight().T
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(layer.lora_B.grad).all() and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_dropout_path_trains_and_matches_in_eval():
+    layer = _randomize(LoRALinear(nn.Linear(8, 8), 2, 2, lora_dropout=0.5))
+    x = torch.randn(64, 8)
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ layer.delta_weight().T)

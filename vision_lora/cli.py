@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .adapter import load_adapter, read_adapter_config, save_merged
 from .callbacks import AtomicCheckpointIO, PredictionWriter, SaveBestAdapter
@@ -97,6 +98,34 @@ class VisionLoRATrainer(L.Trainer):
         rank_zero_info(str(report))
 
 
+def _resolve_last_checkpoint(config) -> None:
+    """Turn `fit --ckpt_path last` into the newest `last.ckpt` of this run's logger (or checkpoint dirpath) and keep
+    logging into that run's version directory.
+
+    Lightning alone would look for "last" only in the new run's (empty) directory and silently start from scratch.
+    """
+    logger = config.trainer.get("logger")
+    init_args = getattr(logger, "init_args", None)
+    if config.checkpoint.get("dirpath"):
+        candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
+    elif init_args is not None and init_args.get("save_dir") is not None:
+        root = Path(init_args.save_dir) / (init_args.get("name") or "lightning_logs")
+        candidates = list(root.glob("version_*/checkpoints/last.ckpt"))
+    else:
+        candidates = [Path(config.trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:  # as in Lightning, "last" may be set before the first run: start one, and say so
+        rank_zero_warn("--ckpt_path last: no last.ckpt of this run exists yet; starting a new run.")
+        config.ckpt_path = None
+        return
+    last = max(candidates, key=lambda c: c.stat().st_mtime)
+    config.ckpt_path = str(last)
+    version_dir = last.parent.parent
+    if init_args is not None and version_dir.name.startswith("version_") and not config.checkpoint.get("dirpath"):
+        init_args.version = int(version_dir.name.removeprefix("version_"))
+    rank_zero_info(f"Resuming from {last}")
+
+
 class VisionLoRACLI(LightningCLI):
     """LightningCLI for LoRAClassifier + ImageFolderDataModule: the data decides the head size and class names."""
 
@@ -120,6 +149,10 @@ class VisionLoRACLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        if self.config.get("subcommand") == "fit" and self.config.fit.get("ckpt_path") == "last":
+            _resolve_last_checkpoint(self.config.fit)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -148,10 +181,16 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
         if os.environ.get("VISION_LORA_TRACEBACK"):
             raise
-        print(f"vision-lora: error: {err}", file=sys.stderr)
+        message = str(err)
+        if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met code, not tensors
+            found = [line.strip() for line in message.splitlines() if "Unsupported global" in line]
+            message = "refusing to unpickle a checkpoint that holds more than tensors and plain data" + (
+                f" ({found[0]})" if found else ""
+            )
+        print(f"vision-lora: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -32,6 +32,45 @@ def _factory(base_layer: nn.Module) -> dict:
     return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
 
 
+class _SlicedLoRALinear(torch.autograd.Function):
+    """y = x (W + s·ΔW)ᵀ + b for a Linear whose update ΔW has one B_i A_i block per row slice, trained without a
+    second branch.
+
+    The forward runs one GEMM with the update folded into the weight, so the backward's input gradient is one GEMM
+    too; the adapter gradients then cost two thin GEMMs over the output gradient and two over the input, and no
+    zero blocks (unadapted qkv slices) are ever multiplied. Tensors: x (..., in), A (S, r, in), B (S, d, r), slice i
+    covering output rows starts[i] : starts[i] + d.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, starts: tuple[int, ...]):
+        w = weight.detach().clone()
+        for i, start in enumerate(starts):
+            w[start : start + lora_B.shape[1]].addmm_(lora_B[i].to(w.dtype), lora_A[i].to(w.dtype), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, w)
+        ctx.scaling, ctx.starts = scaling, starts
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_A, lora_B, w = ctx.saved_tensors
+        s, d, (n, r, _) = ctx.scaling, lora_B.shape[1], lora_A.shape
+        dt = grad.dtype  # under autocast the output (and its gradient) may be half precision
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+        a, b = lora_A.to(dt), lora_B.to(dt)
+        grad_x = (g @ w.to(dt)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
+        rows = [g[:, start : start + d] for start in ctx.starts]  # (N, d) views, one per adapted slice
+        h = x2 @ a.reshape(n * r, -1).t()  # (N, S·r)
+        gb = torch.cat([rows[i] @ b[i] for i in range(n)], dim=1)  # (N, S·r)
+        grad_A = (gb.t() @ x2).mul_(s).view(n, r, -1)  # (S, r, in)
+        grad_B = torch.stack([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (S, d, r)
+        grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+
+
 class LoRALayer(nn.Module):
     """Common state of a LoRA-wrapped layer: the frozen `base_layer`, rank, scaling, dropout and the merged flag.
 
@@ -207,6 +246,11 @@ class LoRALinear(LoRALayer):
         return F.linear(x, weight, self.base_layer.bias)
 
     def _forward_train(self, x: Tensor) -> Tensor:
+        if isinstance(self.lora_dropout, nn.Identity):
+            base = self.base_layer
+            return _SlicedLoRALinear.apply(
+                x, base.weight, base.bias, self.lora_A[None], self.lora_B[None], self.scaling, (0,)
+            )
         out = self.base_layer(x)  # (..., out)
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         # out + s · h @ Bᵀ as one fused GEMM.
@@ -265,6 +309,10 @@ class LoRAQKVLinear(LoRALayer):
         return F.linear(x, weight, self.base_layer.bias)
 
     def _forward_train(self, x: Tensor) -> Tensor:
+        if isinstance(self.lora_dropout, nn.Identity):
+            starts = tuple("qkv".index(c) * self.dim for c in self.slices)
+            base = self.base_layer
+            return _SlicedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, starts)
         out = self.base_layer(x)  # (..., 3·dim)
         b, a = self._factors()
         h = F.linear(self.lora_dropout(x), a)  # (..., S·r)

@@ -144,7 +144,8 @@ class LoRAClassifier(L.LightningModule):
         metrics = {"acc": MulticlassAccuracy(n, top_k=1), "f1": MulticlassF1Score(n, average="macro")}
         if n >= 5:
             metrics["acc5"] = MulticlassAccuracy(n, top_k=5)
-        self.val_metrics = MetricCollection(metrics, prefix="val_")
+        # No compute groups: top-1 and top-5 accuracy have the same state layout but must not share it.
+        self.val_metrics = MetricCollection(metrics, prefix="val_", compute_groups=False)
         self.test_metrics = self.val_metrics.clone(prefix="test_")
         self.test_confmat = MulticlassConfusionMatrix(n)
 
@@ -154,11 +155,13 @@ class LoRAClassifier(L.LightningModule):
         return self.model(x)
 
     def trainable_state_keys(self) -> set[str]:
-        """State-dict keys (with the `model.` prefix) of everything a checkpoint keeps: what trains, or everything
-        when the backbone is randomly initialised and so cannot be rebuilt from its name."""
-        if self.hparams.weights == "random":
-            return set(self.state_dict())
+        """State-dict keys (with the `model.` prefix) of what trains: LoRA, head, and what the LoRA config adds."""
         return {f"model.{k}" for k in adapter_state_dict(self.model)}
+
+    def checkpoint_state_keys(self) -> set[str]:
+        """What a checkpoint keeps: what trains, or everything when the backbone is randomly initialised and so
+        cannot be rebuilt from its name."""
+        return set(self.state_dict()) if self.hparams.weights == "random" else self.trainable_state_keys()
 
     # -- steps ---------------------------------------------------------------------------------------------------
 
@@ -255,7 +258,9 @@ class LoRAClassifier(L.LightningModule):
 
     # -- optimization --------------------------------------------------------------------------------------------
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups: LoRA at `lr`, everything else that trains at `head_lr`; no weight decay on
+        biases and norm weights."""
         hp = self.hparams
         groups: dict[tuple[float, float], list] = {}
         for name, p in self.model.named_parameters():
@@ -264,7 +269,11 @@ class LoRAClassifier(L.LightningModule):
             lr = hp.lr if "lora_" in name else (hp.head_lr or hp.lr)
             decay = 0.0 if p.ndim <= 1 else hp.weight_decay
             groups.setdefault((lr, decay), []).append(p)
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.param_groups())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(int(hp.warmup_fraction * total), total - 1)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
@@ -290,7 +299,7 @@ class LoRAClassifier(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trainable_state_keys()
+        keep = self.checkpoint_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["vision_lora"] = {
             "backbone": self.hparams.backbone,

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vision_lora import ImageFolderDataModule, LoRAClassifier
+
+
+def _loss_and_lora_grads(module: LoRAClassifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    module.train()
+    module.zero_grad()
+    loss = F.cross_entropy(module(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
+def test_gradient_checkpointing_keeps_lora_gradients(backbone):
+    """timm's (non-reentrant) activation checkpointing over a frozen backbone: same loss, same LoRA gradients."""
+    torch.manual_seed(0)
+    plain = LoRAClassifier(backbone, num_classes=4)
+    checkpointed = LoRAClassifier(backbone, num_classes=4, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    for layer in plain.model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B, std=0.02)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, y = torch.randn(2, 3, 160, 160), torch.tensor([0, 3])
+    loss, grads = _loss_and_lora_grads(plain, x, y)
+    loss_ckpt, grads_ckpt = _loss_and_lora_grads(checkpointed, x, y)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads and grads.keys() == grads_ckpt.keys()
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    plain = LoRAClassifier("test_efficientnet", num_classes=4)
+    fast = LoRAClassifier("test_efficientnet", num_classes=4, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    loss, grads = _loss_and_lora_grads(plain, x, y)
+    loss_cl, grads_cl = _loss_and_lora_grads(fast, x, y)
+    torch.testing.assert_close(loss_cl, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_cl[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_an_epoch_of_lightning_training_leaves_the_backbone_bit_identical(image_folder, backbone_file):
+    module = LoRAClassifier("test_resnet", weights=backbone_file("test_resnet"), lr=0.05, head_lr=0.05)
+    data = ImageFolderDataModule(root=str(image_folder), input_size=32, num_workers=0, batch_size=8)
+    module._resize_head(data.num_classes, data.class_names)
+    frozen = {k: v.clone() for k, v in module.state_dict().items() if k not in module.trainable_state_keys()}
+    trained = {k: v.clone() for k, v in module.state_dict().items() if k in module.trainable_state_keys()}
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    after = module.state_dict()
+    assert any("running_mean" in k for k in frozen)
+    for key, value in frozen.items():
+        assert torch.equal(after[key], value), key
+    assert any(not torch.equal(after[k], v) for k, v in trained.items() if "lora_B" in k)
+
+
+def test_optimizer_groups_lora_and_head_learning_rates():
+    module = LoRAClassifier("test_vit", num_classes=3, lr=1e-3, head_lr=5e-2, weight_decay=0.1)
+    groups = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in module.param_groups()}
+    lora = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
+    head_w, head_b = module.model.head.weight.numel(), module.model.head.bias.numel()
+    assert groups == {(1e-3, 0.1): lora, (5e-2, 0.1): head_w, (5e-2, 0.0): head_b}
+
+
+def test_load_state_dict_accepts_only_frozen_keys_as_missing():
+    module = LoRAClassifier("test_vit", num_classes=3)
+    trainable = {k: v for k, v in module.state_dict().items() if k in module.trainable_state_keys()}
+    module.load_state_dict(trainable)  # the checkpoint form: fine
+    lacking = dict(trainable)
+    lacking.pop(next(k for k in lacking if "lora_A" in k))
+    with pytest.raises(ValueError, match="missing trained keys"):
+        module.load_state_dict(lacking)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        module.load_state_dict({**trainable, "model.blocks.0.extra": torch.zeros(1)})
+    wrong = {**trainable, "model.head.weight": torch.zeros(7, module.model.head.in_features)}
+    with pytest.raises(ValueError, match="check num_classes"):
+        module.load_state_dict(wrong)
