@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 DEFAULT_MODELS = ["vit_small_patch16_224", "tf_efficientnet_lite0"]
-TRAIN_VARIANTS = ["full", "head", "peft", "vlora", "vlora_gc"]
+TRAIN_VARIANTS = ["full", "full_cl", "head", "peft", "vlora", "vlora_gc"]
 
 
 # ------------------------------------------------------------------------------------------------------- children
@@ -52,13 +52,14 @@ def _targets(model) -> list[str]:
 def _build(model_name: str, variant: str, num_classes: int, r: int, alpha: float):
     """The model of one variant, ready to train, and its trainable parameters."""
     import timm
+    import torch
 
     from vision_lora import LoRAConfig, apply_lora
     from vision_lora.inject import classifier_names
 
     model = timm.create_model(model_name, num_classes=num_classes)
     head = classifier_names(model)
-    if variant == "full":
+    if variant.startswith("full"):
         pass
     elif variant == "head":
         for n, p in model.named_parameters():
@@ -74,8 +75,17 @@ def _build(model_name: str, variant: str, num_classes: int, r: int, alpha: float
             model.set_grad_checkpointing(True)
     else:
         raise ValueError(f"unknown variant {variant}")
+    if _channels_last(model, variant):
+        model.to(memory_format=torch.channels_last)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _channels_last(model, variant: str) -> bool:
+    """vision_lora runs ConvNets channels-last by default (LoRAClassifier); `full_cl` shows full fine-tuning so."""
+    from vision_lora.module import is_convnet
+
+    return variant == "full_cl" or (variant.startswith("vlora") and is_convnet(model))
 
 
 def _rss_mb() -> float:
@@ -91,6 +101,8 @@ def child_train(args) -> dict:
     model, params = _build(args.model, args.variant, args.num_classes, args.r, args.alpha)
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    if _channels_last(model, args.variant):
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     baseline = _rss_mb()
     times = []
@@ -201,7 +213,7 @@ def child_infer(args) -> dict:
     out = {}
     for batch in (1, 16):
         x = torch.randn(batch, 3, args.img_size, args.img_size)
-        reps = args.infer_reps if batch == 1 else max(2, args.infer_reps // 4)
+        reps = args.infer_reps if batch == 1 else max(3, args.infer_reps // 2)
         times = {k: [] for k in models}
         with torch.inference_mode():
             for m in models.values():
@@ -388,7 +400,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of every variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=4, help="timed steps per process and round")
-    p.add_argument("--infer-reps", type=int, default=12)
+    p.add_argument("--infer-reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-images", type=int, default=320)
     p.add_argument("--data-workers", type=int, default=2)

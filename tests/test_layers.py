@@ -249,3 +249,14 @@ def test_dropout_path_trains_and_matches_in_eval():
     assert layer.lora_A.grad.abs().sum() > 0
     layer.eval()
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ layer.delta_weight().T)
+
+
+def test_conv_layer_in_channels_last_format():
+    layer = _randomize(LoRAConv2d(nn.Conv2d(8, 16, 3, padding=1), 4, 8)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    expected = layer.base_layer(x) + nn.functional.conv2d(x, layer.delta_weight(), padding=1)
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)

