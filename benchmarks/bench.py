@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 DEFAULT_MODELS = ["vit_small_patch16_224", "tf_efficientnet_lite0"]
-TRAIN_VARIANTS = ["full", "full_cl", "head", "peft", "vlora", "vlora_gc"]
+TRAIN_VARIANTS = ["full", "floor", "head", "peft", "vlora", "vlora_gc"]
 
 
 # ------------------------------------------------------------------------------------------------------- children
@@ -61,7 +61,7 @@ def _build(model_name: str, variant: str, num_classes: int, r: int, alpha: float
     head = classifier_names(model)
     if variant.startswith("full"):
         pass
-    elif variant == "head":
+    elif variant in ("head", "floor"):
         for n, p in model.named_parameters():
             p.requires_grad_(any(n.startswith(h + ".") for h in head))
     elif variant == "peft":
@@ -103,6 +103,8 @@ def child_train(args) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     if _channels_last(model, args.variant):
         x = x.contiguous(memory_format=torch.channels_last)
+    if args.variant == "floor":  # frozen backbone, but input gradients all the way down: what LoRA cannot avoid
+        x.requires_grad_(True)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     baseline = _rss_mb()
     times = []
@@ -313,13 +315,13 @@ def run(args) -> dict:
         for rnd in range(args.rounds if variants else 0):
             for variant in variants:
                 res = _run_child("train", args, model=model, variant=variant)
-                train[variant]["step_times"] += res.pop("step_times")
+                train[variant]["step_times"].append(res.pop("step_times"))  # one list per round
                 train[variant].setdefault("peak_rss_mb", []).append(res.pop("peak_rss_mb"))
                 train[variant].setdefault("train_rss_growth_mb", []).append(res.pop("train_rss_growth_mb"))
                 train[variant].update(res)
             print(f"[{time.time() - t_start:6.0f}s] {model}: training round {rnd + 1}/{args.rounds} done", flush=True)
         for v in train.values():
-            v["median_step_s"] = statistics.median(v["step_times"])
+            v["median_step_s"] = statistics.median(t for round_times in v["step_times"] for t in round_times)
             v["peak_rss_mb"] = statistics.median(v["peak_rss_mb"])
             v["train_rss_growth_mb"] = statistics.median(v["train_rss_growth_mb"])
         ckpt = {}
@@ -334,20 +336,26 @@ def run(args) -> dict:
     return results
 
 
+def _paired(train: dict, a: str, b: str) -> float:
+    """Median over rounds of (a's median step / b's median step) in the same round: slow drift of the machine
+    between rounds cancels out."""
+    if a not in train or b not in train:
+        return float("nan")
+    per_round = [
+        statistics.median(ta) / statistics.median(tb)
+        for ta, tb in zip(train[a]["step_times"], train[b]["step_times"], strict=True)
+    ]
+    return round(statistics.median(per_round), 3)
+
+
 def _ratios(train: dict, ckpt: dict, infer: dict) -> dict:
-    step = {k: v["median_step_s"] for k, v in train.items()}
     mem = {k: v["train_rss_growth_mb"] for k, v in train.items()}
-    out = (
-        {}
-        if not train
-        else {
-            "peft_step/full_step": _ratio(step.get("peft", 0), step.get("full", 0)),
-            "vlora_step/full_step": _ratio(step.get("vlora", 0), step.get("full", 0)),
-            "vlora_step/peft_step": _ratio(step.get("vlora", 0), step.get("peft", 0)),
-            "vlora_train_mem/peft_train_mem": _ratio(mem.get("vlora", 0), mem.get("peft", 0)),
-            "vlora_gc_train_mem/peft_train_mem": _ratio(mem.get("vlora_gc", 0), mem.get("peft", 0)),
-        }
-    )
+    out = {}
+    if train:
+        for a, b in (("floor", "full"), ("peft", "full"), ("vlora", "full"), ("vlora", "peft")):
+            out[f"{a}_step/{b}_step"] = _paired(train, a, b)
+        out["vlora_train_mem/peft_train_mem"] = _ratio(mem.get("vlora", 0), mem.get("peft", 0))
+        out["vlora_gc_train_mem/peft_train_mem"] = _ratio(mem.get("vlora_gc", 0), mem.get("peft", 0))
     for k in ckpt:
         out[f"{k}_ckpt/trainable+adam"] = _ratio(ckpt[k]["ckpt_bytes"], ckpt[k]["trainable_bytes_with_adam"])
     for batch, t in infer.items():
@@ -391,15 +399,20 @@ def table(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    p.add_argument("--variants", nargs="+", default=TRAIN_VARIANTS, help=f"subset of {TRAIN_VARIANTS} + vlora_qkv")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=TRAIN_VARIANTS,
+        help=f"training variants: {TRAIN_VARIANTS}, vlora_qkv (all of q, k, v), full_cl (channels-last)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of every variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per process")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per process and round")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds of every variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process and round")
     p.add_argument("--infer-reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-images", type=int, default=320)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,18 @@ def test_load_state_dict_accepts_only_frozen_keys_as_missing():
     wrong = {**trainable, "model.head.weight": torch.zeros(7, module.model.head.in_features)}
     with pytest.raises(ValueError, match="check num_classes"):
         module.load_state_dict(wrong)
+
+
+def test_mixup_trains_on_timm_soft_targets():
+    module = LoRAClassifier("test_resnet", num_classes=4, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    assert module._mixup.num_classes == 4 and module._mixup.label_smoothing == 0.1
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    np.random.seed(0)  # timm's Mixup draws from numpy (and mixes in place)
+    loss = module.training_step((x.clone(), y), 0)
+    np.random.seed(0)
+    mixed, soft = module._mixup(x.clone(), y)
+    assert torch.allclose(soft.sum(1), torch.ones(4)) and (soft.max(1).values < 1).all()  # really soft targets
+    expected = torch.sum(-soft * F.log_softmax(module(mixed), dim=-1), dim=-1).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for n, p in module.named_parameters() if "lora_" in n)

@@ -20,6 +20,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "adapter_state_dict",
     "atomic_write",
+    "build_from_adapter",
     "load_adapter",
     "merged_state_dict",
     "read_adapter_config",
@@ -180,6 +181,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def build_from_adapter(directory: str | os.PathLike) -> nn.Module:
+    """The adapted model of an adapter directory written by `vision-lora fit`: the base model rebuilt from the
+    backbone and weight source the adapter records (see `create_backbone`), with the adapter loaded.
+
+    Raises:
+        ValueError: the recorded weights cannot be loaded here (e.g. hub weights offline).
+    """
+    from .weights import create_backbone
+
+    info = read_adapter_config(directory)
+    model = create_backbone(info["model_name"], num_classes=info["num_classes"], weights=info.get("weights", "random"))
+    return load_adapter(model, directory)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -14,23 +14,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .adapter import load_adapter, read_adapter_config, save_merged
+from .adapter import build_from_adapter, read_adapter_config, save_merged
 from .callbacks import AtomicCheckpointIO, PredictionWriter, SaveBestAdapter
 from .data import IMAGE_EXTENSIONS, ImageFolderDataModule, load_rgb
 from .module import LoRAClassifier
-from .weights import create_backbone
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main"]
-
-
-def _model_from_adapter(directory: str) -> tuple[torch.nn.Module, list[str] | None, dict]:
-    """The base model with the adapter of `directory` applied, its class names and its preprocessing."""
-    from timm.data import resolve_model_data_config
-
-    info = read_adapter_config(directory)
-    model = create_backbone(info["model_name"], num_classes=info["num_classes"], weights=info.get("weights", "random"))
-    load_adapter(model, directory)
-    return model, info.get("class_names"), info.get("data_config") or resolve_model_data_config(model)
 
 
 def _verify_images(directory: str, data_config: dict, limit: int) -> torch.Tensor:
@@ -74,6 +63,8 @@ class VisionLoRATrainer(L.Trainer):
             verify_dir: a folder of real images to also verify the ONNX file on.
             verify_limit: at most this many images of `verify_dir`.
         """
+        from timm.data import resolve_model_data_config
+
         from .export import export_onnx
 
         if (ckpt_path is None) == (adapter is None):
@@ -81,7 +72,9 @@ class VisionLoRATrainer(L.Trainer):
         if format not in ("onnx", "timm"):
             raise ValueError(f"--format must be 'onnx' or 'timm', got {format!r}.")
         if adapter is not None:
-            net, class_names, data_config = _model_from_adapter(adapter)
+            info = read_adapter_config(adapter)
+            net, class_names = build_from_adapter(adapter), info.get("class_names")
+            data_config = info.get("data_config") or resolve_model_data_config(net)
         else:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             model.on_load_checkpoint(checkpoint)
