@@ -9,26 +9,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helper_callbacks import Crash
+from helpers import FAST, Crash
 from safetensors.torch import load_file
 
 from vision_lora import load_adapter, read_adapter_config
 from vision_lora.cli import main
-
-FAST = [
-    "--model.backbone=test_resnet",
-    "--model.lr=0.01",
-    "--data.input_size=32",
-    "--data.num_workers=0",
-    "--data.batch_size=8",
-    "--data.hflip=0",
-    "--data.scale=[0.8, 1.0]",
-    "--data.color_jitter=null",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.log_every_n_steps=1",
-]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -134,7 +119,7 @@ def test_resume_continues_with_the_same_next_step_loss(image_folder, tmp_path, m
                 *args,
                 "--trainer.max_epochs=2",
                 "--trainer.logger.init_args.name=stopped",
-                "--trainer.callbacks+=helper_callbacks.CrashMidEpoch",
+                "--trainer.callbacks+=helpers.CrashMidEpoch",
             ]
         )
     last = tmp_path / "runs" / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
@@ -196,7 +181,7 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
         "--trainer.max_epochs=2",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
-        "--trainer.callbacks+=helper_callbacks.DumpRankWeights",
+        "--trainer.callbacks+=helpers.DumpRankWeights",
     ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,22 +15,13 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers import FAST
 from safetensors.torch import load_file
 
 from vision_lora.adapter import atomic_write
 from vision_lora.cli import main
 
 HERE = Path(__file__).parent
-FAST = [
-    "--model.backbone=test_resnet",
-    "--model.lr=0.01",
-    "--data.input_size=32",
-    "--data.num_workers=0",
-    "--data.batch_size=8",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 
 
 def _env() -> dict:
@@ -50,7 +41,7 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
         "--seed_everything=7",
         "--trainer.max_epochs=3",
         "--data.num_workers=2",
-        "--trainer.callbacks+=helper_callbacks.SlowSteps",
+        "--trainer.callbacks+=helpers.SlowSteps",
     ]
     straight = subprocess.run(
         _cli(*args, "--trainer.logger.init_args.name=straight"),
@@ -186,7 +177,7 @@ def test_failing_rank_stops_a_ddp_run_quickly(image_folder, tmp_path):
         "--trainer.max_epochs=20",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
-        "--trainer.callbacks+=helper_callbacks.FailOnRank1",
+        "--trainer.callbacks+=helpers.FailOnRank1",
     )
     start = time.time()
     result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)

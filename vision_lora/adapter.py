@@ -57,7 +57,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.close(dir_fd)
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of vision-lora, torch and timm, recorded with every file written."""
     out = {}
     for pkg in ("vision-lora", "torch", "timm"):
         try:
@@ -67,10 +68,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """The timm architecture name of `model` (`pretrained_cfg['architecture']`).
+
+    Raises:
+        ValueError: the model was not created by `timm.create_model`.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "architecture" not in cfg:
-        raise ValueError("The model has no timm pretrained_cfg['architecture']; create it with timm.create_model.")
+        raise ValueError(
+            "The model has no timm pretrained_cfg['architecture']; create it with timm.create_model "
+            "(or give the timm model name explicitly)."
+        )
     return cfg["architecture"]
 
 
@@ -116,13 +125,13 @@ def save_adapter(
     layers = lora_layers(model)
     info = {
         "format": _FORMAT,
-        "model_name": _model_name(model),
+        "model_name": model_name(model),
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
         "lora_config": config.to_dict(),
         "adapted_modules": list(layers),
         "merged": any(layer.merged for layer in layers.values()),
-        "versions": _versions(),
+        "versions": package_versions(),
         **(metadata or {}),
     }
     if info["merged"]:
@@ -159,7 +168,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             weights file does not match the adapter config.
     """
     info = read_adapter_config(directory)
-    name = _model_name(model)
+    name = model_name(model)
     if info["model_name"] != name:
         raise ValueError(f"The adapter in {directory} was trained on {info['model_name']!r}, not {name!r}.")
     num_classes = int(getattr(model, "num_classes", 0))

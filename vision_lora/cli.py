@@ -130,7 +130,7 @@ class VisionLoRACLI(LightningCLI):
             {
                 "checkpoint.monitor": "val_acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # see instantiate_trainer
                 "checkpoint.filename": "best-{epoch:02d}-{val_acc:.4f}",
             }
         )
@@ -139,6 +139,11 @@ class VisionLoRACLI(LightningCLI):
         callbacks = [SaveBestAdapter(), PredictionWriter(), LearningRateMonitor(logging_interval="epoch")]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
+        # `last.ckpt` after every epoch. ModelCheckpoint(save_last=True) refreshes it only when the monitored metric
+        # improves, so a resumed run could silently lose epochs. Appended: `trainer.checkpoint_callback` (the first
+        # one) stays the monitored "best" callback.
+        if trainer.checkpoint_callback is not None:
+            trainer.callbacks.append(ModelCheckpoint(filename="last", enable_version_counter=False))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

@@ -15,7 +15,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .adapter import atomic_write
+from . import __version__
+from .adapter import atomic_write, package_versions
+from .adapter import model_name as timm_model_name
 from .inject import lora_layers, merge_lora
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportReport", "export_onnx", "read_onnx_metadata"]
@@ -89,22 +90,6 @@ class _Float16Graph(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x.half()).float()
-
-
-def _vision_lora_version() -> str:
-    try:
-        return version("vision-lora")
-    except PackageNotFoundError:
-        from . import __version__
-
-        return __version__
-
-
-def _architecture(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "architecture" not in cfg:
-        raise ValueError("The model has no timm pretrained_cfg['architecture']; pass model_name='<timm model name>'.")
-    return cfg["architecture"]
 
 
 def _merged_copy(model: nn.Module) -> nn.Module:
@@ -313,7 +298,7 @@ def export_onnx(
         raise ValueError(f"batch_sizes must be positive batch sizes such as (1, 3), got {batch_sizes}.")
     if all(b == _EXPORT_BATCH for b in batch_sizes):
         raise ValueError(f"batch_sizes must include a size other than {_EXPORT_BATCH}, the one the graph is traced at.")
-    name = model_name or _architecture(model)
+    name = model_name or timm_model_name(model)
     cfg = {**timm.data.resolve_model_data_config(model), **(data_config or {})}
     input_size = tuple(int(s) for s in cfg["input_size"])
     if len(input_size) != 3:
@@ -362,7 +347,7 @@ def export_onnx(
         "crop_mode": cfg.get("crop_mode", "center"),
         "backbone": name,
         "precision": "float16" if fp16 else "float32",
-        "vision_lora_version": _vision_lora_version(),
+        "vision_lora_version": package_versions().get("vision-lora", __version__),
         "opset": opset,
     }
     start = time.perf_counter()

@@ -1,9 +1,25 @@
-"""Callbacks the CLI tests load by class path (`--trainer.callbacks+=helper_callbacks.X`)."""
+"""Shared by the CLI tests: fast CLI arguments, and callbacks loaded as `--trainer.callbacks+=helpers.X`."""
 
 from __future__ import annotations
 
 import lightning as L
 from safetensors.torch import save_file
+
+# A tiny ConvNet on 32 px images, no augmentation randomness unless a test adds it, one log row per step.
+FAST = [
+    "--model.backbone=test_resnet",
+    "--model.lr=0.01",
+    "--data.input_size=32",
+    "--data.num_workers=0",
+    "--data.batch_size=8",
+    "--data.hflip=0",
+    "--data.scale=[0.8, 1.0]",
+    "--data.color_jitter=null",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+]
 
 
 class Crash(RuntimeError):
