@@ -46,6 +46,8 @@ def main() -> None:
         print(report)
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
+        # onnxruntime's idle threads spin for a while after each run, which would slow the PyTorch run after it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"])
         merged = merge_lora(build_from_adapter(adapter)).eval()
         results = {

@@ -279,3 +279,12 @@ def test_bad_inputs_end_in_one_line_errors(image_folder, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vision-lora: error:") and message in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
+    path = tmp_path / "x.bin"
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"data"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
