@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 
 DEFAULT_MODELS = ["vit_small_patch16_224", "tf_efficientnet_lite0"]
+PARTS = ["train", "ckpt", "infer", "layer", "data"]
 TRAIN_VARIANTS = ["full", "floor", "head", "peft", "vlora", "vlora_gc"]
 
 
@@ -277,7 +278,56 @@ def child_data(args) -> dict:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-CHILDREN = {"train": child_train, "ckpt": child_ckpt, "infer": child_infer, "data": child_data}
+def child_layer(args) -> dict:
+    """Forward + backward of one adapted layer at ViT-S / EfficientNet shapes (batch 16), against the same layer
+    frozen: the LoRA overhead itself, without the noise of a whole training step."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from vision_lora import LoRAConfig, apply_lora
+
+    _setup(args.threads)
+
+    class One(nn.Module):
+        def __init__(self, layer: nn.Module) -> None:
+            super().__init__()
+            self.qkv = layer
+
+        def forward(self, x):
+            return self.qkv(x)
+
+    cases = {
+        "qkv Linear 384->1152, 3152 tokens": (nn.Linear(384, 1152), torch.randn(16, 197, 384)),
+        "1x1 Conv2d 112->672, 14x14": (nn.Conv2d(112, 672, 1, bias=False), torch.randn(16, 112, 14, 14)),
+    }
+    out = {}
+    for name, (layer, x0) in cases.items():
+        frozen = One(layer).requires_grad_(False)
+        peft = get_peft_model(
+            copy.deepcopy(frozen), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"])
+        )
+        ours = copy.deepcopy(frozen)
+        apply_lora(ours, LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"]))
+        models = {"frozen": frozen, "peft": peft.train(), "vlora": ours.train()}
+        times = {k: [] for k in models}
+        for _ in range(args.layer_reps):
+            for k, m in models.items():
+                x = x0.clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                m(x).sum().backward()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[name] = {
+            "ms": {k: v * 1e3 for k, v in med.items()},
+            "overhead_ms": {k: (med[k] - med["frozen"]) * 1e3 for k in ("peft", "vlora")},
+        }
+    return out
+
+
+CHILDREN = {"train": child_train, "ckpt": child_ckpt, "infer": child_infer, "data": child_data, "layer": child_layer}
 
 
 # --------------------------------------------------------------------------------------------------------- driver
@@ -330,6 +380,8 @@ def run(args) -> dict:
         infer = _run_child("infer", args, model=model) if "infer" in args.parts else {}
         print(f"[{time.time() - t_start:6.0f}s] {model}: checkpoints and inference done", flush=True)
         results["models"][model] = {"train": train, "ckpt": ckpt, "infer": infer, "ratios": _ratios(train, ckpt, infer)}
+    if "layer" in args.parts:
+        results["layer"] = _run_child("layer", args)
     if "data" in args.parts:
         results["data"] = _run_child("data", args)
     results["seconds"] = round(time.time() - t_start)
@@ -385,6 +437,13 @@ def table(results: dict) -> str:
             lines.append(f"inference {batch}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
         lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in r["ratios"].items()))
         lines.append("")
+    for name, r in results.get("layer", {}).items():
+        lines.append(
+            f"one layer fwd+bwd, {name}: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
+            + "; LoRA overhead "
+            + ", ".join(f"{k} +{v:.2f} ms" for k, v in r["overhead_ms"].items())
+        )
     if "data" in results:
         d = results["data"]
         lines.append(
@@ -417,9 +476,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-images", type=int, default=320)
     p.add_argument("--data-workers", type=int, default=2)
-    p.add_argument(
-        "--parts", nargs="+", default=["train", "ckpt", "infer", "data"], choices=["train", "ckpt", "infer", "data"]
-    )
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="what to measure (default: everything)")
+    p.add_argument("--layer-reps", type=int, default=40)
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
