@@ -231,6 +231,19 @@ def test_typo_in_a_yaml_option_is_reported_not_swallowed(image_folder, tmp_path,
     assert "lora_alpah" in capsys.readouterr().err
 
 
+def test_head_size_disagreeing_with_the_data_is_refused(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for key, value in (("num_classes", 10), ("class_names", ["a", "b", "c"])):
+        config = tmp_path / f"{key}.yaml"
+        config.write_text(yaml.safe_dump({"model": {"backbone": "test_resnet", key: value}}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), *FAST, f"--data.root={image_folder}"])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"model.{key}={value} disagrees with the data" in err and "blue ünïcode, green, red square" in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
 def test_gradient_starved_lora_is_an_error_naming_the_parameters(image_folder, tmp_path, monkeypatch, capsys):
     """Reentrant activation checkpointing over a frozen input cuts the LoRA weights off from the loss."""
     from timm.layers import set_reentrant_ckpt
@@ -264,6 +277,7 @@ def test_gradient_starved_lora_is_an_error_naming_the_parameters(image_folder, t
         (["--model.target_modules=[layer1.0]"], "container module"),
         (["--model.r=1000"], "rank r=1000 exceeds"),
         (["--model.backbone=resnet_does_not_exist"], "Unknown timm model"),
+        (["--model.num_classes=10"], "model.num_classes comes from the data"),
     ],
 )
 def test_bad_inputs_end_in_one_line_errors(image_folder, tmp_path, monkeypatch, capsys, extra, message):

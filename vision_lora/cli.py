@@ -119,12 +119,15 @@ def _resolve_last_checkpoint(config) -> None:
     rank_zero_info(f"Resuming from {last}")
 
 
+_LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
+
+
 class VisionLoRACLI(LightningCLI):
     """LightningCLI for LoRAClassifier + ImageFolderDataModule: the data decides the head size and class names."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        for key in _LINKED:
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -149,8 +152,26 @@ class VisionLoRACLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        if self.config.get("subcommand") == "fit" and self.config.fit.get("ckpt_path") == "last":
-            _resolve_last_checkpoint(self.config.fit)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        # The links below overwrite these silently; keep what the user asked for to compare it with the data.
+        self._requested_head = {key: config.model.get(key) for key in _LINKED}
+        if subcommand == "fit" and config.get("ckpt_path") == "last":
+            _resolve_last_checkpoint(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        data = self.datamodule
+        if not isinstance(data, ImageFolderDataModule) or data.num_classes is None:
+            return
+        found = {"num_classes": data.num_classes, "class_names": data.class_names}
+        for key, requested in getattr(self, "_requested_head", {}).items():
+            if requested is not None and (list(requested) if key == "class_names" else requested) != found[key]:
+                raise ValueError(
+                    f"model.{key}={requested} disagrees with the data: {data.root / 'train'} has {data.num_classes} "
+                    f"class folders ({', '.join(data.class_names)}). "
+                    f"Remove model.{key} from the config; vision-lora takes it from the data."
+                )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -169,6 +190,15 @@ def main(args: list[str] | None = None) -> None:
     Errors a user can fix (bad paths, options, data) end with one line on stderr and exit status 1; set
     VISION_LORA_TRACEBACK=1 to see the traceback.
     """
+    argv = sys.argv[1:] if args is None else args
+    given = [key for key in _LINKED for arg in argv if arg.split("=")[0] == f"--model.{key}"]
+    if given:  # jsonargparse's own message for a linked option is cryptic
+        print(
+            f"vision-lora: error: model.{given[0]} comes from the data (the class folders of data.root/train); "
+            f"remove --model.{given[0]} from the command line.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     try:
         VisionLoRACLI(
             LoRAClassifier,

@@ -286,7 +286,7 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         for n in names:
             reason = _why_not(n, modules[n], heads)
             if reason is not None:
-                raise ValueError(f"LoRA target pattern {pattern!r} matches {reason}.")
+                raise ValueError(f"LoRA target pattern {pattern!r} cannot be used: {reason}.")
         selected.update(names)
     return [n for n in modules if n in selected]
 
