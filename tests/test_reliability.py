@@ -211,6 +211,12 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(
     with pytest.raises(ValueError, match="trained on 'test_resnet'"):
         trainer.test(other, datamodule=data, ckpt_path=str(ckpt))
 
+    with pytest.raises(SystemExit):  # Lightning would silently rebuild the checkpoint's backbone instead
+        main(
+            ["test", *FAST, "--model.backbone=test_efficientnet", f"--data.root={image_folder}", f"--ckpt_path={ckpt}"]
+        )
+    assert "trained on 'test_resnet' but model.backbone is 'test_efficientnet'" in capsys.readouterr().err
+
     two = tmp_path / "two"
     for split in ("train", "val", "test"):
         for name in ("green", "red square"):

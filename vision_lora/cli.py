@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import sys
@@ -120,6 +121,7 @@ def _resolve_last_checkpoint(config) -> None:
 
 
 _LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
+_DEFAULT_BACKBONE = inspect.signature(LoRAClassifier).parameters["backbone"].default
 
 
 class VisionLoRACLI(LightningCLI):
@@ -151,12 +153,26 @@ class VisionLoRACLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Next, Lightning replaces the model options with the hyperparameters stored in --ckpt_path, and the links
+        # replace num_classes / class_names with the data's: keep what the user asked for, to check it against both.
+        model = self._subcommand_config().get("model") or {}
+        self._requested = {key: model.get(key) for key in ("backbone", *_LINKED)}
+
+    def _subcommand_config(self):
         subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        # The links below overwrite these silently; keep what the user asked for to compare it with the data.
-        self._requested_head = {key: config.model.get(key) for key in _LINKED}
-        if subcommand == "fit" and config.get("ckpt_path") == "last":
+        return self.config[subcommand] if subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subcommand_config()
+        requested, stored = self._requested.get("backbone"), config.model.get("backbone")
+        if requested not in (None, _DEFAULT_BACKBONE, stored):
+            raise ValueError(
+                f"{config.ckpt_path} was trained on {stored!r} but model.backbone is {requested!r}; leave "
+                f"model.backbone out (the checkpoint sets it) or pass a checkpoint of {requested!r}."
+            )
+        if self.config.get("subcommand") == "fit" and config.get("ckpt_path") == "last":
             _resolve_last_checkpoint(config)
 
     def instantiate_classes(self) -> None:
@@ -165,7 +181,8 @@ class VisionLoRACLI(LightningCLI):
         if not isinstance(data, ImageFolderDataModule) or data.num_classes is None:
             return
         found = {"num_classes": data.num_classes, "class_names": data.class_names}
-        for key, requested in getattr(self, "_requested_head", {}).items():
+        for key in _LINKED:
+            requested = self._requested.get(key)
             if requested is not None and (list(requested) if key == "class_names" else requested) != found[key]:
                 raise ValueError(
                     f"model.{key}={requested} disagrees with the data: {data.root / 'train'} has {data.num_classes} "
