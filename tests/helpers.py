@@ -22,6 +22,18 @@ FAST = [
 ]
 
 
+def quiet_trainer(**overrides) -> L.Trainer:
+    """A CPU Trainer for in-process tests: no logger, checkpoints, progress bar or model summary."""
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**settings, **overrides})
+
+
 class Crash(RuntimeError):
     pass
 

@@ -194,8 +194,13 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
     assert len(runs) == 1
     ckpts = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
     assert len(ckpts) == 2 and "last.ckpt" in ckpts  # one best checkpoint and last, written once
+    # Rank 0 alone wrote the adapter, and it is the best checkpoint's trained tensors.
+    best_name = Path(read_adapter_config(runs[0] / "adapter")["checkpoint"]).name
+    best = torch.load(runs[0] / "checkpoints" / best_name, weights_only=True)["state_dict"]
     adapted = load_adapter(timm.create_model("test_resnet", num_classes=3), runs[0] / "adapter")
-    assert adapted is not None
+    for key, value in adapted.state_dict().items():
+        if "lora_" in key or key.startswith("fc."):
+            torch.testing.assert_close(value, best[f"model.{key}"], rtol=0, atol=0)
 
 
 def test_export_from_checkpoint_and_adapter(image_folder, backbone_file, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer
 from PIL import ExifTags, Image
 from timm.data import resolve_model_data_config
 
@@ -308,15 +309,7 @@ def test_trainer_uses_the_model_data_config_and_strips_bad_files_with_workers(im
     _add_bad_files(image_root / "train" / "dog")
     dm = ImageFolderDataModule(root=str(image_root), batch_size=8, num_workers=2, max_bad_fraction=0.2)
     model = _ShapeProbe()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
     with caplog.at_level(logging.WARNING, logger="vision_lora.data"):
         trainer.fit(model, datamodule=dm)
     assert dm.data_config["input_size"] == (3, 20, 20)

@@ -43,14 +43,12 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
         "--data.num_workers=2",
         "--trainer.callbacks+=helpers.SlowSteps",
     ]
-    straight = subprocess.run(
-        _cli(*args, "--trainer.logger.init_args.name=straight"),
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        command = _cli(*args, f"--trainer.logger.init_args.name={name}", *extra)
+        return subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+
+    straight = run("straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     victim = subprocess.Popen(
@@ -69,14 +67,7 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
     assert victim.wait(timeout=30) == -signal.SIGKILL, "the run should have been killed mid-training"
     assert torch.load(last, weights_only=True)["epoch"] < 2
 
-    resumed = subprocess.run(
-        _cli(*args, "--trainer.logger.init_args.name=killed", "--ckpt_path=last"),
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run("killed", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stderr + resumed.stdout
 

@@ -183,7 +183,7 @@ class VisionLoRACLI(LightningCLI):
         found = {"num_classes": data.num_classes, "class_names": data.class_names}
         for key in _LINKED:
             requested = self._requested.get(key)
-            if requested is not None and (list(requested) if key == "class_names" else requested) != found[key]:
+            if requested is not None and requested != found[key]:
                 raise ValueError(
                     f"model.{key}={requested} disagrees with the data: {data.root / 'train'} has {data.num_classes} "
                     f"class folders ({', '.join(data.class_names)}). "
@@ -207,16 +207,14 @@ def main(args: list[str] | None = None) -> None:
     Errors a user can fix (bad paths, options, data) end with one line on stderr and exit status 1; set
     VISION_LORA_TRACEBACK=1 to see the traceback.
     """
-    argv = sys.argv[1:] if args is None else args
-    given = [key for key in _LINKED for arg in argv if arg.split("=")[0] == f"--model.{key}"]
-    if given:  # jsonargparse's own message for a linked option is cryptic
-        print(
-            f"vision-lora: error: model.{given[0]} comes from the data (the class folders of data.root/train); "
-            f"remove --model.{given[0]} from the command line.",
-            file=sys.stderr,
-        )
-        raise SystemExit(1)
     try:
+        argv = sys.argv[1:] if args is None else args
+        given = [key for key in _LINKED for arg in argv if arg.split("=")[0] == f"--model.{key}"]
+        if given:  # jsonargparse's own message for a linked option is cryptic
+            raise ValueError(
+                f"model.{given[0]} comes from the data (the class folders of data.root/train); "
+                f"remove --model.{given[0]} from the command line."
+            )
         VisionLoRACLI(
             LoRAClassifier,
             ImageFolderDataModule,
