@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 FAST = [
     "--model.backbone=test_resnet",
     "--model.lr=0.01",
-    "--data.input_size=32",
+    "--model.input_size=32",
     "--data.num_workers=0",
     "--data.batch_size=8",
     "--data.hflip=0",

@@ -87,7 +87,7 @@ def test_checkpoint_holds_only_what_trains(image_folder, backbone_file, tmp_path
             "--trainer.max_epochs=1",
             "--model.backbone=test_vit",
             f"--model.weights={backbone_file('test_vit')}",
-            "--data.input_size=160",
+            "--model.input_size=160",
         ]
     )
     ckpt_path = _only("runs/lightning_logs/version_0/checkpoints/last.ckpt", tmp_path)

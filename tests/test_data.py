@@ -17,12 +17,13 @@ from helpers import quiet_trainer
 from PIL import ExifTags, Image
 from timm.data import resolve_model_data_config
 
-from vision_lora.data import BadSample, ImageFolderDataModule, SkipBadCollate, load_rgb
+from vision_lora.data import BadFileReport, BadSample, ImageFolderDataModule, SkipBadCollate, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = {"bird": (30, 30, 200), "cat": (200, 30, 30), "dog": (30, 200, 30)}
 # Plain settings that make a training batch predictable: no flips, jitter or crops, a 24 px input.
-PLAIN = dict(num_workers=0, hflip=0.0, color_jitter=None, scale=(1.0, 1.0), ratio=(1.0, 1.0), input_size=24)
+PLAIN = dict(num_workers=0, hflip=0.0, color_jitter=None, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+SIZE24 = {"input_size": 24}
 
 
 def _write_class(folder: Path, color: tuple[int, int, int], count: int) -> None:
@@ -144,7 +145,7 @@ def test_class_names_with_spaces_and_non_ascii(tmp_path):
     colors = {"chat noir": (10, 10, 10), "café": (100, 60, 20), "狗": (240, 240, 240)}
     _write_split(tmp_path, "train", 2, colors)
     _write_split(tmp_path, "val", 1, colors)
-    dm = ImageFolderDataModule(root=str(tmp_path), **PLAIN)
+    dm = ImageFolderDataModule(root=str(tmp_path), data_config=SIZE24, **PLAIN)
     dm.setup("fit")
     assert dm.class_names == sorted(colors)
     images, targets = _drain(dm, dm.val_dataloader())
@@ -222,7 +223,8 @@ def test_load_rgb_applies_exif_orientation(tmp_path, orientation, top_color):
 
 
 def test_train_batch_has_configured_size_and_normalisation(image_root):
-    dm = ImageFolderDataModule(root=str(image_root), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **PLAIN)
+    config = {"input_size": 24, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    dm = ImageFolderDataModule(root=str(image_root), data_config=config, **PLAIN)
     dm.setup("fit")
     assert dm.data_config["input_size"] == (3, 24, 24)
     assert dm.data_config["mean"] == (0.5, 0.5, 0.5)
@@ -245,22 +247,27 @@ def test_data_config_from_model_name_matches_timm(image_root):
     torch.testing.assert_close(images[2:4, 0].mean(), torch.tensor(200 / 255 * 2 - 1), atol=0.02, rtol=0)
 
 
-def test_attached_model_data_config_wins_over_model_name_and_overrides_win_over_both(image_root):
-    dm = ImageFolderDataModule(root=str(image_root), model_name="test_vit", input_size=40, num_workers=0)
+def test_attached_model_owns_the_preprocessing_and_standalone_overrides_apply(image_root):
     model_config = {"input_size": (3, 64, 64), "mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0}
+    model_config["interpolation"] = "bilinear"
+    dm = ImageFolderDataModule(root=str(image_root), model_name="test_vit", num_workers=0)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(data_config=model_config))
     dm.setup("validate")
-    assert dm.data_config["input_size"] == (3, 40, 40)
-    assert dm.data_config["mean"] == (0.1, 0.2, 0.3)
-    assert dm.data_config["crop_pct"] == 1.0
-    assert dm.eval_transform()(Image.new("RGB", (16, 16))).shape == (3, 40, 40)
+    assert dm.data_config == model_config
+    assert dm.eval_transform()(Image.new("RGB", (16, 16))).shape == (3, 64, 64)
+    standalone = ImageFolderDataModule(root=str(image_root), model_name="test_vit", data_config={"input_size": 40})
+    standalone.setup("validate")
+    assert standalone.data_config["input_size"] == (3, 40, 40) and standalone.data_config["mean"] == (0.5, 0.5, 0.5)
+    standalone.trainer = dm.trainer  # overrides and a model that owns the preprocessing: one must go
+    with pytest.raises(ValueError, match="model owns the preprocessing"):
+        standalone.setup("validate")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_files_are_skipped_counted_and_reported(image_root, caplog, num_workers):
     bad = _add_bad_files(image_root / "train" / "dog")
     settings = {**PLAIN, "num_workers": num_workers}
-    dm = ImageFolderDataModule(root=str(image_root), batch_size=4, max_bad_fraction=0.2, **settings)
+    dm = ImageFolderDataModule(root=str(image_root), batch_size=4, max_bad_fraction=0.2, data_config=SIZE24, **settings)
     dm.setup("fit")
     assert len(dm.train_dataset) == 21
     images, targets = _drain(dm, dm.train_dataloader())
@@ -276,7 +283,7 @@ def test_bad_files_are_skipped_counted_and_reported(image_root, caplog, num_work
 
 def test_report_bad_files_raises_over_max_bad_fraction(image_root):
     _add_bad_files(image_root / "val" / "dog")
-    dm = ImageFolderDataModule(root=str(image_root), max_bad_fraction=0.25, **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), max_bad_fraction=0.25, data_config=SIZE24, **PLAIN)
     dm.setup("validate")
     _drain(dm, dm.val_dataloader())
     with pytest.raises(ValueError, match=r"(?s)3 of 9 val images \(33.3%\).*max_bad_fraction=0.25"):
@@ -286,7 +293,13 @@ def test_report_bad_files_raises_over_max_bad_fraction(image_root):
 class _ShapeProbe(L.LightningModule):
     """A linear model on channel means that records the batches it is handed."""
 
-    data_config = {"input_size": (3, 20, 20), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0}
+    data_config = {
+        "input_size": (3, 20, 20),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -298,9 +311,6 @@ class _ShapeProbe(L.LightningModule):
         self.batches.append((tuple(images.shape), targets.dtype))
         return F.cross_entropy(self.head(images.mean(dim=(2, 3))), targets)
 
-    def on_train_epoch_end(self) -> None:
-        self.trainer.datamodule.report_bad_files("train")
-
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -309,7 +319,7 @@ def test_trainer_uses_the_model_data_config_and_strips_bad_files_with_workers(im
     _add_bad_files(image_root / "train" / "dog")
     dm = ImageFolderDataModule(root=str(image_root), batch_size=8, num_workers=2, max_bad_fraction=0.2)
     model = _ShapeProbe()
-    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[BadFileReport()])
     with caplog.at_level(logging.WARNING, logger="vision_lora.data"):
         trainer.fit(model, datamodule=dm)
     assert dm.data_config["input_size"] == (3, 20, 20)
@@ -328,7 +338,7 @@ def test_all_bad_batch_becomes_an_empty_batch(image_root):
 
 def test_fail_policy_raises_with_the_path(image_root):
     _, truncated, _ = _add_bad_files(image_root / "train" / "dog")
-    dm = ImageFolderDataModule(root=str(image_root), bad_files="fail", **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), bad_files="fail", data_config=SIZE24, **PLAIN)
     dm.setup("fit")
     with pytest.raises(ValueError, match=re.escape(str(truncated))):
         dm.train_dataset[dm.train_dataset.paths.index(str(truncated))]
@@ -339,7 +349,7 @@ def test_predict_batches_carry_paths(image_root, tmp_path):
     _write_class(folder, (1, 2, 3), 2)
     _write_class(folder / "nested", (4, 5, 6), 1)
     (folder / "notes.txt").write_text("ignored")
-    dm = ImageFolderDataModule(root=str(image_root), predict_dir=str(folder), **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), predict_dir=str(folder), data_config=SIZE24, **PLAIN)
     dm.setup("predict")
     images, paths = dm.on_before_batch_transfer(next(iter(dm.predict_dataloader())), 0)
     assert images.shape == (3, 3, 24, 24)

@@ -51,8 +51,8 @@ def test_channels_last_gives_the_same_logits_and_gradients():
 
 
 def test_an_epoch_of_lightning_training_leaves_the_backbone_bit_identical(image_folder, backbone_file):
-    module = LoRAClassifier("test_resnet", weights=backbone_file("test_resnet"), lr=0.05, head_lr=0.05)
-    data = ImageFolderDataModule(root=str(image_folder), input_size=32, num_workers=0, batch_size=8)
+    module = LoRAClassifier("test_resnet", weights=backbone_file("test_resnet"), lr=0.05, head_lr=0.05, input_size=32)
+    data = ImageFolderDataModule(root=str(image_folder), num_workers=0, batch_size=8)
     module._resize_head(data.num_classes, data.class_names)
     frozen = {k: v.clone() for k, v in module.state_dict().items() if k not in module.trainable_state_keys()}
     trained = {k: v.clone() for k, v in module.state_dict().items() if k in module.trainable_state_keys()}

@@ -198,7 +198,7 @@ def test_checkpoint_of_another_backbone_or_class_count_is_refused(
 
     other = LoRAClassifier("test_efficientnet", num_classes=3)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    data = ImageFolderDataModule(root=str(image_folder), input_size=32, num_workers=0)
+    data = ImageFolderDataModule(root=str(image_folder), num_workers=0)
     with pytest.raises(ValueError, match="trained on 'test_resnet'"):
         trainer.test(other, datamodule=data, ckpt_path=str(ckpt))
 

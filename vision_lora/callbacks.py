@@ -68,7 +68,7 @@ class SaveBestAdapter(L.Callback):
             metadata={
                 "backbone": pl_module.hparams.backbone,
                 "weights": pl_module.hparams.weights,
-                "data_config": pl_module.hparams.get("data_config") or pl_module.data_config,
+                "data_config": pl_module.data_config,
                 "checkpoint": str(best) if best else None,
             },
         )

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .adapter import build_from_adapter, read_adapter_config, save_merged
 from .callbacks import AtomicCheckpointIO, PredictionWriter, SaveBestAdapter
-from .data import IMAGE_EXTENSIONS, ImageFolderDataModule, load_rgb
+from .data import IMAGE_EXTENSIONS, BadFileReport, FolderSource, ImageFolderDataModule, load_rgb, optimize_folder
 from .module import LoRAClassifier
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main"]
@@ -141,7 +141,12 @@ class VisionLoRACLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        callbacks = [SaveBestAdapter(), PredictionWriter(), LearningRateMonitor(logging_interval="epoch")]
+        callbacks = [
+            BadFileReport(),
+            SaveBestAdapter(),
+            PredictionWriter(),
+            LearningRateMonitor(logging_interval="epoch"),
+        ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
         # `last.ckpt` after every epoch. ModelCheckpoint(save_last=True) refreshes it only when the monitored metric
@@ -185,8 +190,8 @@ class VisionLoRACLI(LightningCLI):
             requested = self._requested.get(key)
             if requested is not None and requested != found[key]:
                 raise ValueError(
-                    f"model.{key}={requested} disagrees with the data: {data.root / 'train'} has {data.num_classes} "
-                    f"class folders ({', '.join(data.class_names)}). "
+                    f"model.{key}={requested} disagrees with the data: {data.root} has {data.num_classes} "
+                    f"classes ({', '.join(data.class_names)}). "
                     f"Remove model.{key} from the config; vision-lora takes it from the data."
                 )
 
@@ -201,6 +206,34 @@ TRAINER_DEFAULTS = {
 }
 
 
+def optimize(args: list[str]) -> None:
+    """`vision-lora optimize`: write an image folder as a LitData optimized dataset (see `optimize_folder`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="vision-lora optimize",
+        description="Write each split of an image folder as LitData chunks of pre-resized image bytes + labels, "
+        "for fast local or streamed (s3://...) training with --data.root <output>.",
+    )
+    parser.add_argument("--data.root", dest="root", required=True, help="image folder holding train/<class>/<image>")
+    parser.add_argument(
+        "--data.val_fraction",
+        dest="val_fraction",
+        type=float,
+        default=0.15,
+        help="share of each class of train/ held out for val when there is no val/ (default 0.15)",
+    )
+    parser.add_argument("--data.seed", dest="seed", type=int, default=0, help="seed of that split (default 0)")
+    parser.add_argument("--output", required=True, help="folder to write (created; must be new, empty or ours)")
+    parser.add_argument("--max_side", type=int, default=512, help="longer side of stored images (default 512)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    parser.add_argument("--num_workers", type=int, default=None, help="writer processes (default: all CPUs)")
+    ns = parser.parse_args(args)
+    source = FolderSource(ns.root, ns.val_fraction, ns.seed)
+    report = optimize_folder(source, ns.output, ns.max_side, ns.quality, ns.num_workers)
+    print(report, file=sys.stderr)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of `vision-lora`; `args` replaces `sys.argv[1:]` (for tests and notebooks).
 
@@ -209,6 +242,8 @@ def main(args: list[str] | None = None) -> None:
     """
     try:
         argv = sys.argv[1:] if args is None else args
+        if argv[:1] == ["optimize"]:
+            return optimize(argv[1:])
         given = [key for key in _LINKED for arg in argv if arg.split("=")[0] == f"--model.{key}"]
         if given:  # jsonargparse's own message for a linked option is cryptic
             raise ValueError(

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from timm.data import Mixup, resolve_model_data_config
+from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from .adapter import adapter_state_dict
 from .callbacks import run_dir
+from .data import preprocessing_config
 from .inject import LoRAConfig, apply_lora, classifier_names
 from .weights import create_backbone
 
@@ -66,9 +67,16 @@ class LoRAClassifier(L.LightningModule):
         grad_checkpointing: timm activation checkpointing of the backbone blocks (less memory, more compute).
         channels_last: run the model in channels-last memory format; None: on for ConvNets (about 30% faster LoRA
             training steps on the CPU), off for ViTs.
-        data_config: the preprocessing the model is trained with (input_size, mean, std, interpolation, crop_pct),
-            recorded from the data at the start of fit so that test / predict / export of a checkpoint preprocess
-            the same way; None: the backbone's timm data config.
+        input_size: side (or [H, W]) of the network input; None: the backbone's timm data config.
+        mean: per-channel normalisation mean; None: the backbone's timm data config.
+        std: per-channel normalisation std; None: the backbone's timm data config.
+        interpolation: resize interpolation, e.g. "bilinear" or "bicubic"; None: the backbone's timm data config.
+        crop_pct: eval center-crop fraction; None: the backbone's timm data config.
+        data_config: a complete preprocessing config, as checkpoints of vision-lora 0.1 record it; it wins over
+            the five options above.
+
+    The model owns its preprocessing: `data_config` (the backbone's timm config with the options above) is what the
+    DataModule, test, predict and export of a checkpoint all use.
     """
 
     def __init__(
@@ -96,6 +104,11 @@ class LoRAClassifier(L.LightningModule):
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
         channels_last: bool | None = None,
+        input_size: int | list[int] | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
         data_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -117,7 +130,16 @@ class LoRAClassifier(L.LightningModule):
         )
         kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = create_backbone(backbone, num_classes=num_classes, weights=weights, **kwargs)
-        self.data_config = dict(data_config) if data_config else resolve_model_data_config(self.model)
+        overrides = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation}
+        overrides["crop_pct"] = crop_pct
+        for name in ("mean", "std"):
+            if overrides[name] is not None and len(overrides[name]) != 3:
+                raise ValueError(f"{name} needs three values (R, G, B), got {tuple(overrides[name])}.")
+        self.data_config = (
+            dict(data_config) if data_config else preprocessing_config(self.model.pretrained_cfg, overrides)
+        )
+        # Recorded resolved, so that a checkpoint does not depend on the timm version that reads it.
+        self.hparams["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
         self.report = apply_lora(self.model, self.lora_config)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -211,24 +233,7 @@ class LoRAClassifier(L.LightningModule):
 
     # -- epoch ends ----------------------------------------------------------------------------------------------
 
-    def _report_bad_files(self, stage: str) -> None:
-        if self.trainer.sanity_checking:  # counted again in the first real validation epoch
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "report_bad_files"):
-            datamodule.report_bad_files(stage)
-
-    def on_train_epoch_end(self) -> None:
-        self._report_bad_files("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._report_bad_files("val")
-
-    def on_predict_epoch_end(self) -> None:
-        self._report_bad_files("predict")
-
     def on_test_epoch_end(self) -> None:
-        self._report_bad_files("test")
         matrix = self.test_confmat.compute().cpu()
         self.test_confmat.reset()
         self._write_confusion_matrix(matrix, run_dir(self.trainer))
@@ -369,8 +374,4 @@ class LoRAClassifier(L.LightningModule):
     # -- info ----------------------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        data_config = getattr(getattr(self.trainer, "datamodule", None), "data_config", None)
-        if data_config:
-            self.data_config = dict(data_config)
-            self.hparams.data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
         rank_zero_info(str(self.report))

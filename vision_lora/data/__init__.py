@@ -1,0 +1,28 @@
+"""The data side: decoding, image-folder and optimized (LitData) sources, and the DataModule."""
+
+from .datamodule import BadFileReport, ImageFolderDataModule, preprocessing_config
+from .decode import IMAGE_EXTENSIONS, ImagePipeline, load_rgb
+from .folder import FolderSource, image_files, stratified_split
+from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
+from .streaming import OptimizeReport, StreamingImageDataset, optimize_folder, read_info
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadFileReport",
+    "BadSample",
+    "CollatedBatch",
+    "EpochSampler",
+    "FolderSource",
+    "ImageFileDataset",
+    "ImageFolderDataModule",
+    "ImagePipeline",
+    "OptimizeReport",
+    "SkipBadCollate",
+    "StreamingImageDataset",
+    "image_files",
+    "load_rgb",
+    "optimize_folder",
+    "preprocessing_config",
+    "read_info",
+    "stratified_split",
+]

@@ -1,0 +1,165 @@
+"""Image folders as a data source: the class map of `root/train/<class>/`, the samples of each split, and the
+seeded stratified split of train/ when there is no val/."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+from torchvision.datasets.folder import make_dataset
+
+from .decode import IMAGE_EXTENSIONS
+
+__all__ = ["FolderSource", "image_files", "stratified_split"]
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split sample indices into train and val class by class, reproducibly for a given seed.
+
+    Every class with at least two samples gets at least one val sample and keeps at least one train sample.
+
+    Returns:
+        The sorted train indices and the sorted val indices.
+    """
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_class[label].append(index)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        indices = by_class[label]
+        rng.shuffle(indices)
+        num_val = min(max(1, round(val_fraction * len(indices))), len(indices) - 1)
+        val += indices[:num_val]
+        train += indices[num_val:]
+    return sorted(train), sorted(val)
+
+
+def _is_visible_image(path: str, top: str) -> bool:
+    parts = Path(os.path.relpath(path, top)).parts
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """The visible image files under `folder` (recursively, hidden files and folders left out), sorted; or
+    `[folder]` when it is a single file.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no image.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        return [str(folder)]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist.")
+    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_visible_image(str(p), str(folder)))
+    if not paths:
+        raise FileNotFoundError(f"No images in {folder} (extensions {' '.join(IMAGE_EXTENSIONS)}).")
+    return paths
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _scan_split(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
+    top = str(split_dir)
+    samples = make_dataset(top, class_to_idx, is_valid_file=lambda p: _is_visible_image(p, top), allow_empty=True)
+    return [path for path, _ in samples], [label for _, label in samples]
+
+
+class FolderSource:
+    """The samples of `root/train/<class>/<image>`, `root/val/...` and optionally `root/test/...`.
+
+    Class indices follow the sorted folder names of `train/`. Without `val/`, a stratified, seeded split of
+    `train/` is the validation set. Everything is scanned here, so that a class missing from train/ fails before
+    any training.
+
+    Args:
+        root: the dataset folder.
+        val_fraction: share of each class of `train/` held out for validation when there is no `val/`.
+        seed: seed of that split.
+
+    Raises:
+        FileNotFoundError / ValueError: the layout is wrong, with what to change.
+    """
+
+    def __init__(self, root: str | os.PathLike, val_fraction: float = 0.15, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.val_fraction = val_fraction
+        self.seed = seed
+        train_dir = self.root / "train"
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Dataset folder {self.root} does not exist; set root to a folder holding train/.")
+        if not train_dir.is_dir():
+            raise FileNotFoundError(f"{train_dir} does not exist; the layout is {self.root}/train/<class>/<image>.")
+        self.class_names = _class_folders(train_dir)
+        self._class_to_idx = {name: index for index, name in enumerate(self.class_names)}
+        paths, labels = _scan_split(train_dir, self._class_to_idx)
+        if not paths:
+            raise FileNotFoundError(
+                f"No images in {train_dir}; the layout is {train_dir}/<class>/<image> with an extension among "
+                f"{' '.join(IMAGE_EXTENSIONS)}."
+            )
+        if len(self.class_names) < 2:
+            raise ValueError(
+                f"{train_dir} has {len(self.class_names)} class folder ({', '.join(self.class_names)}); "
+                "a classifier needs at least two."
+            )
+        found = set(labels)
+        for index, name in enumerate(self.class_names):
+            if index not in found:
+                warnings.warn(f"Class folder {train_dir / name} has no images; the class is kept.", stacklevel=2)
+        self._samples: dict[str, tuple[list[str], list[int]]] = {}
+        val, test = self._scan_labelled("val"), self._scan_labelled("test")
+        self.val_from_train = val is None
+        if val is None:
+            keep, held = stratified_split(labels, val_fraction, seed)
+            if not held:
+                raise ValueError(
+                    f"No class of {train_dir} has two images, so none can be held out for validation; "
+                    f"add images or a {self.root / 'val'} folder."
+                )
+            val = [paths[i] for i in held], [labels[i] for i in held]
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        self._samples = {"train": (paths, labels), "val": val}
+        if test is not None:
+            self._samples["test"] = test
+
+    def _scan_labelled(self, split: str) -> tuple[list[str], list[int]] | None:
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            return None
+        unknown = [name for name in _class_folders(split_dir) if name not in self._class_to_idx]
+        if unknown:
+            raise ValueError(
+                f"{split_dir} has class folder '{unknown[0]}' that {self.root / 'train'} lacks; "
+                f"add training images for it or remove {split_dir / unknown[0]}."
+            )
+        paths, labels = _scan_split(split_dir, self._class_to_idx)
+        if not paths:
+            raise FileNotFoundError(f"No images in {split_dir}; add {split_dir}/<class>/<image> or remove the folder.")
+        return paths, labels
+
+    def splits(self) -> list[str]:
+        """The splits present: train, val (own folder or held out of train) and test where there is one."""
+        return list(self._samples)
+
+    def samples(self, split: str) -> tuple[list[str], list[int]]:
+        """Paths and class indices of `split`.
+
+        Raises:
+            FileNotFoundError: `split` is "test" and there is no `root/test/`.
+        """
+        if split not in self._samples:
+            raise FileNotFoundError(
+                f"Testing needs {self.root / split}/<class>/<image>; create it or use validate instead."
+            )
+        return self._samples[split]
+
+    def split_settings(self) -> dict:
+        """What decides the splits beyond the files themselves (the held-out fraction and seed, where used)."""
+        return {"val_fraction": self.val_fraction, "split_seed": self.seed} if self.val_from_train else {}
