@@ -73,3 +73,26 @@ class FailOnRank1(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == 1 and trainer.global_step == 2:
             raise RuntimeError("rank 1 failed on purpose")
+
+
+class RecordKeys(L.Callback):
+    """Each rank writes `keys-rank<N>.json`: the sample keys of every train and val batch it processed, by epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[str]] = {}
+
+    def _record(self, trainer, stage: str) -> None:
+        if not trainer.sanity_checking:
+            self.seen.setdefault(f"{stage}{trainer.current_epoch}", []).extend(trainer.datamodule.batch_keys)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record(trainer, "val")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+
+        with open(f"keys-rank{trainer.global_rank}.json", "w", encoding="utf-8") as f:
+            json.dump(self.seen, f)

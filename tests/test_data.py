@@ -145,7 +145,7 @@ def test_class_names_with_spaces_and_non_ascii(tmp_path):
     colors = {"chat noir": (10, 10, 10), "café": (100, 60, 20), "狗": (240, 240, 240)}
     _write_split(tmp_path, "train", 2, colors)
     _write_split(tmp_path, "val", 1, colors)
-    dm = ImageFolderDataModule(root=str(tmp_path), data_config=SIZE24, **PLAIN)
+    dm = ImageFolderDataModule(root=str(tmp_path), preprocess=SIZE24, **PLAIN)
     dm.setup("fit")
     assert dm.class_names == sorted(colors)
     images, targets = _drain(dm, dm.val_dataloader())
@@ -224,7 +224,7 @@ def test_load_rgb_applies_exif_orientation(tmp_path, orientation, top_color):
 
 def test_train_batch_has_configured_size_and_normalisation(image_root):
     config = {"input_size": 24, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-    dm = ImageFolderDataModule(root=str(image_root), data_config=config, **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), preprocess=config, **PLAIN)
     dm.setup("fit")
     assert dm.data_config["input_size"] == (3, 24, 24)
     assert dm.data_config["mean"] == (0.5, 0.5, 0.5)
@@ -255,7 +255,7 @@ def test_attached_model_owns_the_preprocessing_and_standalone_overrides_apply(im
     dm.setup("validate")
     assert dm.data_config == model_config
     assert dm.eval_transform()(Image.new("RGB", (16, 16))).shape == (3, 64, 64)
-    standalone = ImageFolderDataModule(root=str(image_root), model_name="test_vit", data_config={"input_size": 40})
+    standalone = ImageFolderDataModule(root=str(image_root), model_name="test_vit", preprocess={"input_size": 40})
     standalone.setup("validate")
     assert standalone.data_config["input_size"] == (3, 40, 40) and standalone.data_config["mean"] == (0.5, 0.5, 0.5)
     standalone.trainer = dm.trainer  # overrides and a model that owns the preprocessing: one must go
@@ -267,7 +267,7 @@ def test_attached_model_owns_the_preprocessing_and_standalone_overrides_apply(im
 def test_bad_files_are_skipped_counted_and_reported(image_root, caplog, num_workers):
     bad = _add_bad_files(image_root / "train" / "dog")
     settings = {**PLAIN, "num_workers": num_workers}
-    dm = ImageFolderDataModule(root=str(image_root), batch_size=4, max_bad_fraction=0.2, data_config=SIZE24, **settings)
+    dm = ImageFolderDataModule(root=str(image_root), batch_size=4, max_bad_fraction=0.2, preprocess=SIZE24, **settings)
     dm.setup("fit")
     assert len(dm.train_dataset) == 21
     images, targets = _drain(dm, dm.train_dataloader())
@@ -283,7 +283,7 @@ def test_bad_files_are_skipped_counted_and_reported(image_root, caplog, num_work
 
 def test_report_bad_files_raises_over_max_bad_fraction(image_root):
     _add_bad_files(image_root / "val" / "dog")
-    dm = ImageFolderDataModule(root=str(image_root), max_bad_fraction=0.25, data_config=SIZE24, **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), max_bad_fraction=0.25, preprocess=SIZE24, **PLAIN)
     dm.setup("validate")
     _drain(dm, dm.val_dataloader())
     with pytest.raises(ValueError, match=r"(?s)3 of 9 val images \(33.3%\).*max_bad_fraction=0.25"):
@@ -338,7 +338,7 @@ def test_all_bad_batch_becomes_an_empty_batch(image_root):
 
 def test_fail_policy_raises_with_the_path(image_root):
     _, truncated, _ = _add_bad_files(image_root / "train" / "dog")
-    dm = ImageFolderDataModule(root=str(image_root), bad_files="fail", data_config=SIZE24, **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), bad_files="fail", preprocess=SIZE24, **PLAIN)
     dm.setup("fit")
     with pytest.raises(ValueError, match=re.escape(str(truncated))):
         dm.train_dataset[dm.train_dataset.paths.index(str(truncated))]
@@ -349,7 +349,7 @@ def test_predict_batches_carry_paths(image_root, tmp_path):
     _write_class(folder, (1, 2, 3), 2)
     _write_class(folder / "nested", (4, 5, 6), 1)
     (folder / "notes.txt").write_text("ignored")
-    dm = ImageFolderDataModule(root=str(image_root), predict_dir=str(folder), data_config=SIZE24, **PLAIN)
+    dm = ImageFolderDataModule(root=str(image_root), predict_dir=str(folder), preprocess=SIZE24, **PLAIN)
     dm.setup("predict")
     images, paths = dm.on_before_batch_transfer(next(iter(dm.predict_dataloader())), 0)
     assert images.shape == (3, 3, 24, 24)

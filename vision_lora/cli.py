@@ -131,6 +131,12 @@ class VisionLoRACLI(LightningCLI):
         for key in _LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--last_every_n_steps",
+            type=int | None,
+            default=None,
+            help="Also refresh last.ckpt every N training steps (default: only at the end of each epoch).",
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_acc",
@@ -154,6 +160,10 @@ class VisionLoRACLI(LightningCLI):
         # one) stays the monitored "best" callback.
         if trainer.checkpoint_callback is not None:
             trainer.callbacks.append(ModelCheckpoint(filename="last", enable_version_counter=False))
+            every = self._subcommand_config().get("last_every_n_steps")
+            if every:  # also mid-epoch, for long epochs; a streaming dataset resumes at that very sample
+                last = ModelCheckpoint(filename="last", enable_version_counter=False, every_n_train_steps=every)
+                trainer.callbacks.append(last)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

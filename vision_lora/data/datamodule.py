@@ -63,7 +63,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         bad_files: "skip" drops unreadable images and reports them, "fail" raises on the first one.
         max_bad_fraction: largest share of skipped images per stage and report before `report_bad_files` raises.
         model_name: timm model whose preprocessing config is used when no model is attached (standalone use).
-        data_config: overrides of that config when no model is attached (keys of timm's data config: input_size,
+        preprocess: overrides of that config when no model is attached (keys of timm's data config: input_size,
             mean, std, interpolation, crop_pct, crop_mode). With a model attached, set them on the model.
     """
 
@@ -87,7 +87,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         bad_files: str = "skip",
         max_bad_fraction: float = 0.05,
         model_name: str | None = None,
-        data_config: dict | None = None,
+        preprocess: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -148,19 +148,19 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def resolve_data_config(self) -> dict[str, Any]:
         """The preprocessing config, stored as `data_config`: the attached model's `data_config`; standalone, the
-        timm config of `model_name` (else timm's defaults) with the `data_config` overrides.
+        timm config of `model_name` (else timm's defaults) with the `preprocess` overrides.
 
         Raises:
-            ValueError: `data_config` overrides are set while a model that owns the preprocessing is attached.
+            ValueError: `preprocess` overrides are set while a model that owns the preprocessing is attached.
         """
         hp = self.hparams
         model = self.trainer.lightning_module if self.trainer is not None else None
         owned = getattr(model, "data_config", None)
         if owned is not None:
-            if hp.data_config:
+            if hp.preprocess:
                 raise ValueError(
-                    "data.data_config is set, but the model owns the preprocessing; set model.input_size, "
-                    "model.crop_pct, ... instead and remove data.data_config."
+                    "data.preprocess is set, but the model owns the preprocessing; set model.input_size, "
+                    "model.crop_pct, ... instead and remove data.preprocess."
                 )
             self.data_config = dict(owned)
             return self.data_config
@@ -168,7 +168,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if hp.model_name is not None:
             pretrained_cfg = timm.get_pretrained_cfg(hp.model_name)
             base = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
-        self.data_config = preprocessing_config(base, hp.data_config or {})
+        self.data_config = preprocessing_config(base, hp.preprocess or {})
         return self.data_config
 
     def train_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:

@@ -190,6 +190,9 @@ def optimize_folder(
                     num_workers=workers,
                     reorder_files=False,
                     verbose=True,
+                    # fork: workers start in milliseconds instead of re-importing torch (the parent has run no
+                    # torch op yet); spawn where fork does not exist.
+                    start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn",
                 )
             report.counts[split] = _count(output / split)
         for tsv in sorted(Path(bad_dir).glob("*.tsv")):
@@ -234,6 +237,22 @@ def _check_credentials(uri: str) -> None:
         )
 
 
+def _check_split(split_dir: Path) -> None:
+    """Every chunk the split's index lists is there, at its full size."""
+    index = split_dir / "index.json"
+    again = "run `vision-lora optimize` again to rewrite the dataset"
+    try:
+        chunks = json.loads(index.read_text(encoding="utf-8"))["chunks"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{index} is missing or unreadable ({err}); {again}.") from None
+    for chunk in chunks:
+        path = split_dir / chunk["filename"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            found = "missing" if size is None else f"{size:,} bytes instead of {chunk['chunk_bytes']:,}"
+            raise ValueError(f"Chunk {path} is {found}; {again}.")
+
+
 def read_info(uri: str) -> dict[str, Any]:
     """The `vision_lora_dataset.json` of an optimized dataset, local or remote, checked for completeness.
 
@@ -264,8 +283,8 @@ def read_info(uri: str) -> dict[str, Any]:
             )
         text = (root / DATASET_INFO).read_text(encoding="utf-8")
         for split, count in json.loads(text).get("counts", {}).items():
-            if count and not (root / split / "index.json").is_file():
-                raise ValueError(f"{root / split / 'index.json'} is missing; run `vision-lora optimize` again.")
+            if count:
+                _check_split(root / split)
     try:
         info = json.loads(text)
     except json.JSONDecodeError as err:
