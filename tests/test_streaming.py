@@ -320,3 +320,13 @@ def test_kill_9_mid_epoch_on_a_streaming_dataset_resumes_exactly(image_folder, b
         final[name] = ckpt["state_dict"]
     for key, value in final["straight"].items():
         torch.testing.assert_close(final["killed"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_datamodule_works_on_its_own(image_folder, tmp_path):
+    optimize_folder(FolderSource(image_folder), tmp_path / "optimized", num_workers=1)
+    for root in (image_folder, tmp_path / "optimized"):
+        dm = ImageFolderDataModule(root=str(root), model_name="vit_small_patch16_224", num_workers=0, batch_size=5)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch.images.shape == (5, 3, 224, 224) and batch.labels.shape == (5,) and len(batch.keys) == 5
+        assert dm.data_config["mean"] == (0.5, 0.5, 0.5)  # vit_small_patch16_224's own normalisation
