@@ -4,7 +4,7 @@ from .datamodule import BadFileReport, ImageFolderDataModule, preprocessing_conf
 from .decode import IMAGE_EXTENSIONS, ImagePipeline, load_rgb
 from .folder import FolderSource, image_files, stratified_split
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
-from .streaming import OptimizeReport, StreamingImageDataset, optimize_folder, read_info
+from .streaming import OptimizeReport, optimize_folder, read_info, streaming_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -18,11 +18,11 @@ __all__ = [
     "ImagePipeline",
     "OptimizeReport",
     "SkipBadCollate",
-    "StreamingImageDataset",
     "image_files",
     "load_rgb",
     "optimize_folder",
     "preprocessing_config",
     "read_info",
     "stratified_split",
+    "streaming_dataset",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
-from .streaming import DATASET_INFO, StreamingImageDataset, is_remote, read_info
+from .streaming import is_optimized, read_info, streaming_dataset
 
 __all__ = ["BadFileReport", "ImageFolderDataModule", "STAGES"]
 
@@ -104,9 +103,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.info: dict[str, Any] | None = None  # of an optimized dataset
         if root is None:
             self._class_names = None
-        elif (
-            is_remote(root) or (Path(root) / DATASET_INFO).exists() or (Path(root) / ".vision_lora_optimizing").exists()
-        ):
+        elif is_optimized(root):
             self.info = read_info(root)
             self._class_names = list(self.info["class_names"])
         else:
@@ -240,7 +237,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
         if not self._has_split(split):
             raise FileNotFoundError(f"The optimized dataset {self.root} has no {split} split.")
-        return StreamingImageDataset(
+        return streaming_dataset(
             f"{str(self.root).rstrip('/')}/{split}",
             pipeline,
             shuffle=split == "train",
@@ -264,7 +261,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             collate_fn=SkipBadCollate(split, self.data_config["input_size"]),
         )
-        if isinstance(dataset, StreamingImageDataset):
+        if self.info is not None and split != "predict":
             from litdata import StreamingDataLoader
 
             loader = StreamingDataLoader(dataset, **common)

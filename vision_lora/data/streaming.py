@@ -4,6 +4,7 @@ pre-resized image bytes + labels, and `StreamingImageDataset` streams them back,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,15 @@ from .decode import _decode, _oriented_size, _reduction, open_image
 from .folder import FolderSource
 from .samples import load_sample
 
-__all__ = ["DATASET_INFO", "OptimizeReport", "StreamingImageDataset", "is_remote", "optimize_folder", "read_info"]
+__all__ = [
+    "DATASET_INFO",
+    "OptimizeReport",
+    "is_optimized",
+    "is_remote",
+    "optimize_folder",
+    "read_info",
+    "streaming_dataset",
+]
 
 DATASET_INFO = "vision_lora_dataset.json"  # written last: its presence marks a complete optimized dataset
 _PARTIAL = ".vision_lora_optimizing"  # written first: a folder holding it is ours, half-written
@@ -37,6 +46,11 @@ REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
 def is_remote(uri: str) -> bool:
     """Whether `uri` names a bucket (or a `local:` URI, which LitData treats like one)."""
     return str(uri).startswith(REMOTE_PREFIXES)
+
+
+def is_optimized(root: str) -> bool:
+    """Whether `root` names an optimized dataset (complete or not) rather than an image folder."""
+    return is_remote(root) or (Path(root) / DATASET_INFO).exists() or (Path(root) / _PARTIAL).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -294,50 +308,46 @@ def read_info(uri: str) -> dict[str, Any]:
     return info
 
 
-def _streaming_base():
+@functools.cache
+def _dataset_class() -> type:
+    """`StreamingImageDataset`, defined on first use: importing LitData costs seconds, so a run on an image folder
+    never pays for it."""
     from litdata import StreamingDataset
 
-    return StreamingDataset
+    class StreamingImageDataset(StreamingDataset):
+        """One split of an optimized dataset, streamed by LitData and decoded into `(image, label, key)` samples
+        (see `streaming_dataset`)."""
+
+        def __init__(self, uri: str, pipeline, shuffle: bool, seed: int, bad_files: str, drop_last: bool | None):
+            super().__init__(uri, shuffle=shuffle, seed=seed, drop_last=drop_last)
+            self.pipeline = pipeline
+            self.bad_files = bad_files
+            self.vision_seed = seed
+
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            seed = None
+            if self.shuffle and hasattr(index, "index"):  # training: augmentation seeded by epoch and sample
+                seed = (self.vision_seed * 1_000_003 + self.current_epoch) * len(self) + index.index
+            key = item["key"]
+            return load_sample(key, bytes(item["image"]), int(item["label"]), self.pipeline, seed, self.bad_files)
+
+    return StreamingImageDataset
 
 
-class StreamingImageDataset(_streaming_base()):
-    """One split of an optimized dataset, streamed by LitData and decoded into `(image, label, key)` samples.
+def streaming_dataset(
+    uri: str, pipeline, shuffle: bool, seed: int = 0, bad_files: str = "skip", drop_last: bool | None = None
+):
+    """One split of an optimized dataset as a LitData `StreamingDataset` of `(image, label, key)` samples.
 
     Args:
         uri: the split's folder or bucket prefix (e.g. `s3://bucket/pets/train`).
         pipeline: encoded bytes -> tensor (see `ImagePipeline`).
-        shuffle: shuffle chunks and samples each epoch (training).
-        seed: seed of the shuffle and of the per-sample augmentation.
+        shuffle: shuffle chunks and samples each epoch (training); the augmentation of each sample is then seeded
+            by (seed, epoch, sample), so a resumed epoch draws what an uninterrupted one would.
+        seed: seed of the shuffle and the augmentation.
         bad_files: "skip" returns a `BadSample` for an unreadable sample, "fail" raises.
-        drop_last: under several ranks, drop the samples that would make ranks uneven (training); False keeps every
-            sample exactly once (evaluation).
-        predict: label samples by their key instead of their class (predict).
+        drop_last: under several ranks, trim each epoch to whole batches on every rank (training); False keeps
+            every sample exactly once (evaluation).
     """
-
-    def __init__(
-        self,
-        uri: str,
-        pipeline,
-        shuffle: bool,
-        seed: int = 0,
-        bad_files: str = "skip",
-        drop_last: bool | None = None,
-        predict: bool = False,
-    ) -> None:
-        super().__init__(uri, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.pipeline = pipeline
-        self.bad_files = bad_files
-        self.vision_seed = seed
-        self.predict = predict
-
-    def __getitem__(self, index):
-        item = super().__getitem__(index)
-        if not hasattr(index, "index"):  # direct access by int or key: no augmentation seed
-            return self._sample(item, None)
-        n = len(self)
-        seed = (self.vision_seed * 1_000_003 + self.current_epoch) * n + index.index if self.shuffle else None
-        return self._sample(item, seed)
-
-    def _sample(self, item: dict, seed: int | None):
-        label = item["key"] if self.predict else int(item["label"])
-        return load_sample(item["key"], bytes(item["image"]), label, self.pipeline, seed, self.bad_files)
+    return _dataset_class()(uri, pipeline, shuffle, seed, bad_files, drop_last)
