@@ -33,7 +33,16 @@ from torchvision.datasets import ImageFolder
 
 from vision_lora.data import FolderSource, ImageFolderDataModule, optimize_folder
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "immunohistochemistry", "hubble_deep_field", "colorwheel")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "retina",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "colorwheel",
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,16 +68,15 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def rate(loader, limit: int) -> float:
-    """Images per second over the loader's batches, after one warm-up batch (worker start-up excluded)."""
-    it = iter(loader)
-    next(it)
+def rate(make_loader, seconds: float = 8.0) -> float:
+    """Images per second over whole epochs of a fresh loader, repeated until `seconds` have passed (worker start-up
+    included, as in training)."""
+    loader = make_loader()
     count, start = 0, time.perf_counter()
-    for batch in it:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch.images
-        count += images.shape[0]
-        if count >= limit:
-            break
+    while time.perf_counter() - start < seconds:
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch.images
+            count += images.shape[0]
     return count / (time.perf_counter() - start)
 
 
@@ -140,12 +148,12 @@ def main() -> None:
             "optimized_mb": report.output_bytes / 1e6,
         }
         results["bytes_ratio"] = report.output_bytes / folder_bytes(photos)
-        for workers in (0, args.workers):
-            build = loaders(photos, optimized, workers, batch=16 if workers == 0 else 32)
+        for workers in (0, args.workers):  # 0: the main process alone, one core
+            build = loaders(photos, optimized, workers, batch=8)
             per_round: dict[str, list[float]] = {k: [] for k in build}
             for _ in range(args.rounds):
                 for name, make in build.items():
-                    per_round[name].append(rate(make(), limit=n))
+                    per_round[name].append(rate(make))
             key = "one_core" if workers == 0 else f"{workers}_workers"
             results[key] = {name: statistics.median(v) for name, v in per_round.items()}
             for name in ("folder", "optimized"):

@@ -243,7 +243,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             shuffle=split == "train",
             seed=hp.seed,
             bad_files=hp.bad_files,
-            drop_last=split == "train",
+            drop_last=split == "train" and self._ranks()[0] > 1,  # equal steps on every rank; one rank keeps all
         )
 
     def _ranks(self) -> tuple[int, int]:
