@@ -251,7 +251,7 @@ def child_data(args) -> dict:
             Image.fromarray(arr).resize((224, 224), Image.BICUBIC).convert("RGB").save(d / f"{i}.jpg", quality=90)
         kwargs = {"input_size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
         dm = ImageFolderDataModule(
-            root=str(root), batch_size=32, num_workers=args.data_workers, val_fraction=0.1, **kwargs
+            root=str(root), batch_size=32, num_workers=args.data_workers, val_fraction=0.1, preprocess=kwargs
         )
         dm.setup("fit")
         ours = dm.train_dataloader()
