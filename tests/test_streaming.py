@@ -330,3 +330,33 @@ def test_the_datamodule_works_on_its_own(image_folder, tmp_path):
         batch = next(iter(dm.train_dataloader()))
         assert batch.images.shape == (5, 3, 224, 224) and batch.labels.shape == (5,) and len(batch.keys) == 5
         assert dm.data_config["mean"] == (0.5, 0.5, 0.5)  # vit_small_patch16_224's own normalisation
+
+
+@pytest.mark.slow
+def test_optimize_killed_half_way_leaves_no_complete_looking_dataset(tmp_path):
+    photos = tmp_path / "photos"
+    jpeg = _photo(1600, 1200)
+    for cls in ("a", "b"):
+        (photos / "train" / cls).mkdir(parents=True)
+        for i in range(60):
+            (photos / "train" / cls / f"{i}.jpg").write_bytes(jpeg)
+    out = tmp_path / "optimized"
+    command = _cli("optimize", f"--data.root={photos}", f"--output={out}", "--num_workers=1", "--max_side=1024")
+    victim = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and victim.poll() is None and not list(out.glob("train/*.bin")):
+            time.sleep(0.05)
+        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+        os.killpg(victim.pid, signal.SIGKILL)  # the whole group: LitData's worker processes too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+    assert not (out / "vision_lora_dataset.json").exists()
+    with pytest.raises(ValueError, match="incomplete optimized dataset"):
+        ImageFolderDataModule(root=str(out))
+    report = optimize_folder(FolderSource(photos), out, max_side=256, num_workers=1)  # the rerun rebuilds it
+    assert report.counts == {"train": 102, "val": 18} and ImageFolderDataModule(root=str(out)).num_classes == 2
