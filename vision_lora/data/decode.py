@@ -4,6 +4,7 @@ and JPEG decoding at reduced scale (libjpeg's DCT scaling) where the transform n
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from collections.abc import Callable
@@ -47,14 +48,34 @@ def open_image(source: ImageSource) -> Image.Image:
     return image
 
 
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: treat the image as upright
+        return 1
+
+
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) after EXIF rotation, from the header alone."""
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if hasattr(image, "getexif") else 1
-    return (image.height, image.width) if orientation in _SWAPS_AXES else image.size
+    return (image.height, image.width) if _orientation(image) in _SWAPS_AXES else image.size
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if image.mode == "LAB":  # PIL converts LAB to RGB only through a colour transform
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(image, lab_to_srgb)
+    if image.mode in ("F", "I;16", "I;16L", "I;16B", "I;16N", "I"):
         levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255, not clipped at 255
         image = Image.fromarray(np.round(levels).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
@@ -68,7 +89,7 @@ def _decode(image: Image.Image, reduction: int) -> Image.Image:
     if reduction > 1 and image.format == "JPEG":
         image.draft(None, (max(image.width // reduction, 1), max(image.height // reduction, 1)))
     image.load()  # decode now, so a truncated file fails here
-    return _to_rgb(ImageOps.exif_transpose(image))
+    return _to_rgb(_upright(image))
 
 
 def _reduction(allowed: float) -> int:
@@ -125,12 +146,30 @@ class ImagePipeline:
         self._crop = first if isinstance(first, RandomResizedCropAndInterpolation) else None
         self._rest = T.Compose(steps[1:]) if self._crop is not None else None
         self._resize = first if isinstance(first, T.Resize) else None
+        second = steps[1] if len(steps) > 1 else None
+        self._center = second.size if isinstance(second, T.CenterCrop) and self._resize is not None else None
 
     def __call__(self, source: ImageSource) -> Tensor:
         if self._crop is not None:
             return self._train(source)
         with open_image(source) as image:
-            return self.transform(_decode(image, self._eval_reduction(image)))
+            return self.transform(self._cut_long_side(_decode(image, self._eval_reduction(image))))
+
+    def _cut_long_side(self, rgb: Image.Image) -> Image.Image:
+        """Cut an extreme panorama or banner to the middle part that the eval centre crop keeps, before the resize
+        (which would otherwise make a 1 x 10,000 banner 96 x 960,000 pixels on its way to a 96 px crop)."""
+        size = self._resize.size if self._center is not None else None
+        if size is None or not (isinstance(size, int) or len(size) == 1):
+            return rgb
+        target = size if isinstance(size, int) else size[0]
+        short = min(rgb.size)
+        crop_h, crop_w = self._center
+        keep_w = max(short, math.ceil(crop_w * short / target) + 2)
+        keep_h = max(short, math.ceil(crop_h * short / target) + 2)
+        if rgb.width <= 2 * keep_w and rgb.height <= 2 * keep_h:
+            return rgb  # every ordinary photo: untouched
+        left, top = max(0, (rgb.width - keep_w) // 2), max(0, (rgb.height - keep_h) // 2)
+        return rgb.crop((left, top, min(rgb.width, left + keep_w), min(rgb.height, top + keep_h)))
 
     def _eval_reduction(self, image: Image.Image) -> int:
         if not self.reduce or self._resize is None:

@@ -9,8 +9,6 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from torchvision.datasets.folder import make_dataset
-
 from .decode import IMAGE_EXTENSIONS
 
 __all__ = ["FolderSource", "image_files", "stratified_split"]
@@ -38,9 +36,21 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def _is_visible_image(path: str, top: str) -> bool:
-    parts = Path(os.path.relpath(path, top)).parts
-    return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+def _walk_images(top: str) -> list[str]:
+    """The visible image files under `top`, sorted, following symlinked folders once each (a symlink loop is walked
+    once, not until the OS gives up); hidden files and folders left out."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(top, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [
+            os.path.join(root, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(found)
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
@@ -55,7 +65,7 @@ def image_files(folder: str | os.PathLike) -> list[str]:
         return [str(folder)]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist.")
-    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_visible_image(str(p), str(folder)))
+    paths = _walk_images(str(folder))
     if not paths:
         raise FileNotFoundError(f"No images in {folder} (extensions {' '.join(IMAGE_EXTENSIONS)}).")
     return paths
@@ -66,9 +76,13 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def _scan_split(split_dir: Path, class_to_idx: dict[str, int]) -> tuple[list[str], list[int]]:
-    top = str(split_dir)
-    samples = make_dataset(top, class_to_idx, is_valid_file=lambda p: _is_visible_image(p, top), allow_empty=True)
-    return [path for path, _ in samples], [label for _, label in samples]
+    paths, labels = [], []
+    for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        if (split_dir / name).is_dir():
+            found = _walk_images(str(split_dir / name))
+            paths += found
+            labels += [index] * len(found)
+    return paths, labels
 
 
 class FolderSource:

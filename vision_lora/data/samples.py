@@ -3,6 +3,7 @@ collate function that drops them, and the seeded, rank-sharded epoch sampler."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,6 +68,12 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         np.random.seed(next_np)
 
 
+def display_name(path: str) -> str:
+    """`path` as text that can be printed and written to UTF-8 files: bytes of a file name that are not valid UTF-8
+    (kept by Python as surrogates) are shown as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def load_sample(
     key: str, source: ImageSource, label: int | str, pipeline: Callable, seed: int | None, bad_files: str
 ) -> tuple[Tensor, int | str, str] | BadSample:
@@ -117,8 +124,9 @@ class ImageFileDataset(Dataset):
         # draws exactly the crops and flips an uninterrupted one would.
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.paths[index]
-        label = path if self.labels is None else self.labels[index]
-        return load_sample(path, path, label, self.pipeline, seed, self.bad_files)
+        key = display_name(path)
+        label = key if self.labels is None else self.labels[index]
+        return load_sample(key, path, label, self.pipeline, seed, self.bad_files)
 
 
 class EpochSampler(DistributedSampler):

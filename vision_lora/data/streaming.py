@@ -22,9 +22,9 @@ from typing import Any
 from PIL import Image
 
 from ..adapter import atomic_write
-from .decode import _decode, _oriented_size, _reduction, open_image
+from .decode import _decode, _orientation, _oriented_size, _reduction, open_image
 from .folder import FolderSource
-from .samples import load_sample
+from .samples import display_name, load_sample
 
 __all__ = [
     "DATASET_INFO",
@@ -66,7 +66,7 @@ def _encode(item: tuple[str, int, str], max_side: int, quality: int, bad_dir: st
         raw = Path(path).read_bytes()
         with open_image(raw) as image:
             width, height = _oriented_size(image)
-            upright = (width, height) == image.size and image.getexif().get(0x0112, 1) == 1
+            upright = _orientation(image) == 1
             if image.format in _KEPT_FORMATS and max(width, height) <= max_side and upright:
                 image.load()  # a truncated file fails here, as it would in training
                 data = raw
@@ -192,7 +192,10 @@ def optimize_folder(
     with tempfile.TemporaryDirectory() as bad_dir, _litdata_side_effects_undone():
         for split in source.splits():
             paths, labels = source.samples(split)
-            items = [(p, label, os.path.relpath(p, source.root)) for p, label in zip(paths, labels, strict=True)]
+            items = [
+                (p, label, display_name(os.path.relpath(p, source.root)))
+                for p, label in zip(paths, labels, strict=True)
+            ]
             random.Random(0).shuffle(items)  # LitData shuffles within a window only: mix classes across chunks
             workers = max(1, min(num_workers or os.cpu_count() or 1, len(items)))
             with contextlib.redirect_stdout(io.StringIO()):  # LitData's promotional and status lines
