@@ -27,6 +27,8 @@ __all__ = [
     "EvalPredictions",
     "History",
     "Predictions",
+    "confusion_figure",
+    "curves_figure",
     "plot_confusion_matrix",
     "plot_curves",
     "shorten",
@@ -93,14 +95,25 @@ def best_epoch(epochs: list[dict[str, Any]], monitor: str = "val_acc", mode: str
 
 
 def plot_curves(epochs: list[dict[str, Any]], path: str | Path, monitor: str = "val_acc", mode: str = "max") -> Path:
-    """Draw loss, accuracy and learning rate per epoch (three panels sharing the epoch axis), best epoch marked.
+    """Save `curves_figure` as a PNG whose Title is "best epoch N"."""
+    return _save(curves_figure(epochs, monitor, mode), path, f"best epoch {best_epoch(epochs, monitor, mode)}")
 
-    Readable from 1 to hundreds of epochs: markers only on short runs, at most ~10 epoch ticks.
+
+def _save(fig, path: str | Path, title: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Title": title})
+    _pyplot().close(fig)
+    return path
+
+
+def curves_figure(epochs: list[dict[str, Any]], monitor: str = "val_acc", mode: str = "max"):
+    """Loss, accuracy and learning rate per epoch (three panels sharing the epoch axis), the best epoch marked with a
+    dashed line and a star. Readable from 1 to hundreds of epochs: markers only on short runs, at most 11 epoch ticks.
     """
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
-    path = Path(path)
     x = [r["epoch"] for r in epochs]
     best = best_epoch(epochs, monitor, mode)
     marker = "o" if len(x) <= 30 else None
@@ -130,7 +143,10 @@ def plot_curves(epochs: list[dict[str, Any]], path: str | Path, monitor: str = "
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr_ax.set_xlabel("epoch")
-    lr_ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    if len(x) <= 10:
+        lr_ax.set_xticks(x)
+    else:
+        lr_ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     if best is not None:
         row = next(r for r in epochs if r["epoch"] == best)
         for ax in (loss_ax, acc_ax, lr_ax):
@@ -153,10 +169,7 @@ def plot_curves(epochs: list[dict[str, Any]], path: str | Path, monitor: str = "
         lr_ax.set_xlim(x[0] - 0.5, x[0] + 0.5)
     fig.suptitle(f"{len(x)} epoch{'s' if len(x) != 1 else ''}" + (f", best epoch {best}" if best is not None else ""))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Title": f"best epoch {best}"})
-    plt.close(fig)
-    return path
+    return fig
 
 
 # -- predictions -------------------------------------------------------------------------------------------------
@@ -333,10 +346,14 @@ def write_confusion_csv(matrix: np.ndarray, class_names: list[str], path: str | 
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: str | Path, title: str) -> Path:
+    """Save `confusion_figure` as a PNG; `title` is also the PNG's Title."""
+    return _save(confusion_figure(matrix, class_names, title), path, title)
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str):
     """Row-normalised confusion matrix (each true class sums to 1), shortened class names on both axes, the share in
-    each cell (white on dark cells) up to 40 classes; beyond that colours only. `title` is also the PNG's Title."""
+    each cell (white on dark cells) up to 40 classes; beyond that colours only."""
     plt = _pyplot()
-    path = Path(path)
     n = len(class_names)
     rows = matrix.sum(1, keepdims=True)
     shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=np.float64), where=rows > 0)
@@ -359,10 +376,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: str 
                     ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=cell_size, color=colour)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Title": title})
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_errors(
@@ -399,10 +413,7 @@ def write_errors(
         axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=11)
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100, metadata={"Title": heading})
-    plt.close(fig)
-    return csv_path, png_path
+    return csv_path, _save(fig, png_path, heading)
 
 
 def write_reports(
