@@ -48,8 +48,8 @@ def test_fit_test_predict_end_to_end(image_folder, backbone_file, tmp_path, monk
     for key, value in adapter.items():
         torch.testing.assert_close(value, ckpt["state_dict"][f"model.{key}"], rtol=0, atol=0)
 
-    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(best)])
-    test_run = tmp_path / "runs" / "lightning_logs" / "version_1"
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])  # the best of the config's newest run
+    test_run = run / "test"
     test_acc = [float(r["test_acc"]) for r in _metrics(test_run) if r.get("test_acc")]
     assert test_acc == [pytest.approx(test_acc[0])] and test_acc[0] >= 0.9
     with open(test_run / "confusion_matrix.csv", newline="", encoding="utf-8") as f:
@@ -59,18 +59,20 @@ def test_fit_test_predict_end_to_end(image_folder, backbone_file, tmp_path, monk
     assert (test_run / "confusion_matrix.png").stat().st_size > 1000
 
     # Predict from the checkpoint alone: backbone, classes and preprocessing all come from it.
-    main(
-        [
-            "predict",
-            "--ckpt_path",
-            str(best),
-            f"--data.predict_dir={image_folder / 'test'}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.accelerator=cpu",
-        ]
-    )
-    with open(_only("runs/lightning_logs/version_2/predictions.csv", tmp_path), newline="", encoding="utf-8") as f:
+    predict = [
+        "predict",
+        f"--data.predict_dir={image_folder / 'test'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+    ]
+    main([*predict, "--ckpt_path", str(best)])
+    with open(run / "predict" / "predictions.csv", newline="", encoding="utf-8") as f:
         predictions = list(csv.DictReader(f))
+    main([*predict, "--ckpt_path", "best", "--output", "mine.csv"])  # no config: the default runs/lightning_logs
+    assert (tmp_path / "mine.csv").read_bytes() == (run / "predict" / "predictions.csv").read_bytes()
+    main(["export", "--ckpt_path", "last", "--output", "merged.safetensors", "--format", "timm"])
+    assert (tmp_path / "merged.safetensors").stat().st_size > 10_000
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # test, predict and export added no run
     assert len(predictions) == 12
     correct = sum(Path(p["path"]).parent.name == p["prediction"] for p in predictions)
     assert correct >= 11
@@ -88,8 +90,10 @@ def test_checkpoint_holds_only_what_trains(image_folder, backbone_file, tmp_path
             "--model.backbone=test_vit",
             f"--model.weights={backbone_file('test_vit')}",
             "--data.input_size=160",
+            "--trainer.logger=TensorBoardLogger",  # in the [dev] extra; the CSV logger is the default
         ]
     )
+    assert _only("runs/lightning_logs/version_0/events.out.tfevents.*", tmp_path).stat().st_size > 0
     ckpt_path = _only("runs/lightning_logs/version_0/checkpoints/last.ckpt", tmp_path)
     ckpt = torch.load(ckpt_path, weights_only=True)
     model = timm.create_model("test_vit", num_classes=3)

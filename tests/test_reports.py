@@ -209,17 +209,3 @@ def test_fit_then_test_show_their_pictures_and_a_clean_console(image_folder, tmp
     assert "Tip:" not in console and "litlogger" not in console and "litmodels" not in console
     rates = [float(v) for v in _RATE.findall(console)]
     assert len(rates) > 5 and max(rates) <= 1.0
-
-
-def test_predict_and_export_find_the_best_checkpoint_and_write_beside_the_run(image_folder, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    main(["fit", *FAST, f"--data.root={image_folder}", "--trainer.max_epochs=1"])
-    run = tmp_path / "runs" / "lightning_logs" / "version_0"
-    predict = ["predict", "--ckpt_path", "best", f"--data.predict_dir={image_folder / 'test'}", *FAST[-4:]]
-    main(predict)
-    assert len(_rows(run / "predict" / "predictions.csv")) == 12
-    main([*predict, "--output", "mine.csv"])
-    assert len(_rows(tmp_path / "mine.csv")) == 12
-    main(["export", "--ckpt_path", "last", "--output", "merged.safetensors", "--format", "timm"])
-    assert (tmp_path / "merged.safetensors").stat().st_size > 10_000
-    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
