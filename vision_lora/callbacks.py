@@ -149,7 +149,7 @@ class PlainProgress(ProgressBar):
         self.interval_s = interval_s
         self.every_n_steps = every_n_steps
         self._enabled = True
-        self._start = self._last = 0.0
+        self._train_start = self._last = 0.0
         self._images = 0
 
     def disable(self) -> None:
@@ -171,7 +171,7 @@ class PlainProgress(ProgressBar):
         return due
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = self._last = time.monotonic()
+        self._train_start = self._last = time.monotonic()
         self._images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -179,7 +179,7 @@ class PlainProgress(ProgressBar):
         done, total = batch_idx + 1, self.total_train_batches
         if not self._due(done, total):
             return
-        elapsed = max(time.monotonic() - self._start, 1e-9)
+        elapsed = max(time.monotonic() - self._train_start, 1e-9)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         epoch = trainer.current_epoch
         left = total - done + (total * (epochs - 1 - epoch) if epochs else 0)
@@ -193,10 +193,10 @@ class PlainProgress(ProgressBar):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         text = _metric_text(dict(trainer.callback_metrics))
-        self._say(f"epoch {trainer.current_epoch + 1} done in {_clock(time.monotonic() - self._start)}: {text}")
+        self._say(f"epoch {trainer.current_epoch + 1} done in {_clock(time.monotonic() - self._train_start)}: {text}")
 
     def _eval_start(self) -> None:
-        self._start = self._last = time.monotonic()
+        self._last = time.monotonic()
 
     def _eval_batch(self, trainer: L.Trainer, stage: str, done: int, total: float) -> None:
         if trainer.state.fn == "fit" or not self._due(done, total):
