@@ -404,7 +404,7 @@ class _NoTips(logging.Filter):
     """Drops Lightning's promotional "💡 Tip:" lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
+        return not str(record.msg).startswith("💡 Tip:")
 
 
 def _hide_tips() -> None:
