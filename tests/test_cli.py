@@ -198,6 +198,13 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
     assert len(runs) == 1
     ckpts = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
     assert len(ckpts) == 2 and "last.ckpt" in ckpts  # one best checkpoint and last, written once
+    # The confusion matrix and errors of the extra validation pass hold every validation image once, from both ranks.
+    with open(runs[0] / "confusion_matrix.csv", newline="", encoding="utf-8") as f:
+        assert sum(int(v) for row in list(csv.reader(f))[1:] for v in row[1:]) == 12
+    with open(runs[0] / "errors.csv", newline="", encoding="utf-8") as f:
+        errors = list(csv.DictReader(f))
+    assert len({e["path"] for e in errors}) == len(errors) and all(Path(e["path"]).is_file() for e in errors)
+    assert (runs[0] / "curves.png").is_file() and (runs[0] / "errors.png").is_file()
     # Rank 0 alone wrote the adapter, and it is the best checkpoint's trained tensors.
     best_name = Path(read_adapter_config(runs[0] / "adapter")["checkpoint"]).name
     best = torch.load(runs[0] / "checkpoints" / best_name, weights_only=True)["state_dict"]
