@@ -134,6 +134,10 @@ def test_resume_continues_with_the_same_next_step_loss(image_folder, tmp_path, m
         return {int(r["step"]): float(r["train_loss_step"]) for r in rows if r.get("train_loss_step")}
 
     straight, resumed = step_losses("straight"), step_losses("resumed")
+    # The curves' history crossed the restart: epoch 0 came from the stopped run's checkpoint.
+    resumed_last = torch.load(tmp_path / "runs/resumed/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert [row["epoch"] for row in resumed_last["callbacks"]["History"]["epochs"]] == [0, 1]
+    assert (tmp_path / "runs/resumed/version_0/curves.png").is_file()
     assert resumed and min(resumed) == 5  # 36 images / 8 per batch: 5 steps per epoch, resumed at step 5
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], rel=1e-5), step

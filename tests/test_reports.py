@@ -205,6 +205,10 @@ def test_fit_then_test_show_their_pictures_and_a_clean_console(image_folder, tmp
     assert len(_rows(run / "test" / "errors.csv")) == round((1 - test_acc) * 12)
     assert "Wrote runs/lightning_logs/version_0/test/errors.csv" in test_out
 
+    main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--output_dir", "elsewhere"])
+    assert _png(tmp_path / "elsewhere" / "confusion_matrix.png").text["Title"].startswith("val: accuracy")
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
     console = fit_out + test_out
     assert "Tip:" not in console and "litlogger" not in console and "litmodels" not in console
     rates = [float(v) for v in _RATE.findall(console)]

@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -56,6 +57,13 @@ class VisionLoRATrainer(L.Trainer):
         out = Path(output_dir) if output_dir else checkpoint_run_dir(ckpt_path) / stage
         self.loggers = [CSVLogger(save_dir=str(out.parent), name="", version=out.name)]
 
+    @contextmanager
+    def _quiet_dirpath(self):
+        # Evaluating beside the run moves the (unused) checkpoint folder, which Lightning reports: expected here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            yield
+
     def validate(
         self,
         model=None,
@@ -68,7 +76,8 @@ class VisionLoRATrainer(L.Trainer):
     ):
         """Lightning's `validate`; `output_dir`: where results go (default: `<the checkpoint's run>/validate/`)."""
         self._log_beside(ckpt_path, output_dir, "validate")
-        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+        with self._quiet_dirpath():
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def test(
         self,
@@ -82,7 +91,8 @@ class VisionLoRATrainer(L.Trainer):
     ):
         """Lightning's `test`; `output_dir`: where results go (default: `<the checkpoint's run>/test/`)."""
         self._log_beside(ckpt_path, output_dir, "test")
-        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+        with self._quiet_dirpath():
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def predict(
         self,
@@ -101,7 +111,8 @@ class VisionLoRATrainer(L.Trainer):
             for callback in self.callbacks:
                 if isinstance(callback, PredictionWriter):
                     callback.filename = str(Path(output).absolute())
-        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        with self._quiet_dirpath():
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
     def export(
         self,
@@ -394,10 +405,6 @@ TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
 }
-
-
-# A test / predict of a checkpoint logs beside its run, so the checkpoint folder "changed": expected, not news.
-warnings.filterwarnings("ignore", message="The dirpath has changed from", category=UserWarning)
 
 
 class _NoTips(logging.Filter):

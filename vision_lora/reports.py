@@ -65,14 +65,20 @@ class History(L.Callback):
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, Any]] = []
+        self._validated = False
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning runs the epoch's validation before this hook, so the val metrics are this epoch's.
+        # Lightning runs the epoch's validation before this hook, so the val metrics are this epoch's (when it ran:
+        # with check_val_every_n_epoch > 1 they would be an older epoch's).
         metrics = trainer.callback_metrics
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for key in _CURVE_KEYS:
-            if key in metrics:
+            if key in metrics and (self._validated or not key.startswith("val_")):
                 row[key] = float(metrics[key])
+        self._validated = False
         if trainer.optimizers:
             row["lr"] = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
         self.epochs = [r for r in self.epochs if r["epoch"] < row["epoch"]] + [row]
