@@ -213,3 +213,22 @@ def test_fit_then_test_show_their_pictures_and_a_clean_console(image_folder, tmp
     assert "Tip:" not in console and "litlogger" not in console and "litmodels" not in console
     rates = [float(v) for v in _RATE.findall(console)]
     assert len(rates) > 5 and max(rates) <= 1.0
+
+
+def test_an_unreadable_validation_file_leaves_the_other_keys_right(tmp_path, monkeypatch):
+    """The batch that lost a file cannot say which of its images is which file: its samples get no path; the
+    other batches keep theirs."""
+    from conftest import make_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "data", {"train": 12, "val": 8})
+    (root / "val" / "blue ünïcode" / "3.png").write_bytes(b"not a png")  # in the first batch of 8
+    weak = ["--model.lr=0.0", "--model.head_lr=0.002", "--data.max_bad_fraction=0.2", "--seed_everything=0"]
+    main(["fit", *FAST, *weak, f"--data.root={root}", "--trainer.max_epochs=1"])
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    with open(run / "confusion_matrix.csv", newline="", encoding="utf-8") as f:
+        assert sum(int(v) for row in list(csv.reader(f))[1:] for v in row[1:]) == 23
+    errors = _rows(run / "errors.csv")
+    unknown = [r for r in errors if r["path"].startswith("rank 0 batch 0 item ")]
+    assert unknown and all(r["true"] == "blue ünïcode" for r in unknown)
+    assert all(Path(r["path"]).parent.name == r["true"] != "blue ünïcode" for r in errors if r not in unknown)

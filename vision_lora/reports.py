@@ -206,13 +206,13 @@ class Predictions:
         return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _sample_keys(trainer: L.Trainer, dataloader_idx: int, stage: str) -> tuple[list[int], Any]:
-    """The dataset indices this rank evaluates, in batch order, and the dataset."""
+def _sample_keys(trainer: L.Trainer, dataloader_idx: int, stage: str) -> tuple[list[int], Any, int]:
+    """The dataset indices this rank evaluates, in batch order, the dataset, and the batch size."""
     loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
     loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
     sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
     indices = [int(i[0]) if isinstance(i, (tuple, list)) else int(i) for i in sampler]
-    return indices, loader.dataset
+    return indices, loader.dataset, loader.batch_size or 1
 
 
 def _to_uint8(image: Tensor, mean: Any, std: Any) -> np.ndarray:
@@ -233,19 +233,19 @@ class EvalPredictions(L.Callback):
 
     def __init__(self) -> None:
         self.predictions: Predictions | None = None
-        self._rows: list[tuple[int, int, int, float]] = []
-        self._images: list[tuple[float, int, np.ndarray]] = []
+        self._rows: list[tuple[Any, int, int, float]] = []  # (sample index or unknown key, true, predicted, score)
+        self._images: list[tuple[float, Any, np.ndarray]] = []
         self._order: list[int] = []
         self._dataset: Any = None
-        self._seen = 0
+        self._batch_size = 1
 
     def _active(self, trainer: L.Trainer) -> bool:
         return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not trainer.sanity_checking
 
     def _start(self, trainer: L.Trainer, stage: str) -> None:
         self.predictions = None
-        self._rows, self._images, self._seen = [], [], 0
-        self._order, self._dataset = _sample_keys(trainer, 0, stage)
+        self._rows, self._images = [], []
+        self._order, self._dataset, self._batch_size = _sample_keys(trainer, 0, stage)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer):
@@ -254,19 +254,20 @@ class EvalPredictions(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, "test")
 
-    def _keep(self, pl_module: L.LightningModule, logits: Tensor | None, batch: Any) -> None:
+    def _keep(self, pl_module: L.LightningModule, logits: Tensor | None, batch: Any, batch_idx: int) -> None:
         images, targets = batch[0], batch[1]
-        start, self._seen = self._seen, self._seen + len(images)
         if logits is None or not len(images):
             return
+        start = batch_idx * self._batch_size
+        # A batch shorter than its slice of the sampler lost unreadable files: which ones is not known here, so its
+        # samples get no key rather than a wrong one.
+        whole = len(images) == min(self._batch_size, len(self._order) - start)
         probs = logits.detach().float().softmax(-1)
         scores, preds = probs.max(-1)
         config = getattr(pl_module, "data_config", None) or {}
         mean, std = config.get("mean", (0.0, 0.0, 0.0)), config.get("std", (1.0, 1.0, 1.0))
         for j, (t, p, s) in enumerate(zip(targets.tolist(), preds.tolist(), scores.tolist(), strict=True)):
-            # A batch that lost unreadable files is shorter than the sampler's slice: its keys are then approximate.
-            position = start + j
-            index = self._order[position] if position < len(self._order) else -1 - position
+            index = self._order[start + j] if whole else (pl_module.global_rank, batch_idx, j)
             self._rows.append((index, t, p, s))
             if t != p and (len(self._images) < _TOP_WRONG or s > self._images[0][0]):
                 self._images.append((s, index, _to_uint8(images[j], mean, std)))
@@ -275,11 +276,11 @@ class EvalPredictions(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._active(trainer) and dataloader_idx == 0:
-            self._keep(pl_module, outputs, batch)
+            self._keep(pl_module, outputs, batch, batch_idx)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if dataloader_idx == 0:
-            self._keep(pl_module, outputs, batch)
+            self._keep(pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active(trainer):
@@ -295,18 +296,18 @@ class EvalPredictions(L.Callback):
             torch.distributed.all_gather_object(everyone, mine)
         else:
             everyone = [mine]
-        by_index: dict[int, tuple[int, int, float]] = {}
-        images: dict[int, np.ndarray] = {}
+        by_index: dict[Any, tuple[int, int, float]] = {}
+        images: dict[Any, np.ndarray] = {}
         for rows, imgs in everyone:
             for index, t, p, s in rows:
                 by_index.setdefault(index, (t, p, s))  # DDP pads the last shard with repeated samples
             images.update(imgs)
-        order = sorted(by_index, key=lambda i: (i < 0, abs(i)))
+        order = sorted(by_index, key=lambda i: (1, i) if isinstance(i, tuple) else (0, (i,)))
         paths = getattr(self._dataset, "paths", None)
 
-        def key(i: int) -> str:
-            if i < 0:
-                return f"position {-1 - i}"
+        def key(i: int | tuple[int, int, int]) -> str:
+            if isinstance(i, tuple):
+                return f"rank {i[0]} batch {i[1]} item {i[2]} (its batch had unreadable files)"
             return str(paths[i]) if paths is not None else str(i)
 
         self.predictions = Predictions(
