@@ -152,6 +152,7 @@ def test_ckpt_path_best_and_last_pick_the_newest_run_and_refuse_overlapping_runs
     _touch_checkpoint(new / "last.ckpt", 2100, best="/moved/best-epoch=01-val_acc=0.9000.ckpt")
     assert resolve_checkpoint("best", root) == new / "best-epoch=01-val_acc=0.9000.ckpt"
     assert resolve_checkpoint("last", root) == new / "last.ckpt"
+    assert resolve_checkpoint("best", root / "version_0") == old / "best-epoch=00-val_acc=0.5000.ckpt"  # one run
     # A run written at the same time as the newest one: which is meant is unclear.
     _touch_checkpoint(root / "version_2" / "checkpoints" / "last.ckpt", 2080, best=None)
     with pytest.raises(ValueError, match="at the same time") as info:

@@ -199,8 +199,12 @@ def _resolve_last_checkpoint(config) -> None:
 
 
 def _runs_dir(config) -> Path:
-    """Where the runs of a config are: checkpoint.dirpath, else `<logger save_dir>/<logger name>`, else
-    `<default_root_dir>/lightning_logs`."""
+    """Where the runs of a config are: the run itself for a run's own `config.yaml`, else checkpoint.dirpath, else
+    `<logger save_dir>/<logger name>`, else `<default_root_dir>/lightning_logs`."""
+    for path in config.get("config") or []:
+        folder = Path(str(path)).parent
+        if (folder / "checkpoints").is_dir():
+            return folder
     if config.checkpoint.get("dirpath"):
         return Path(config.checkpoint.dirpath)
     logger = config.trainer.get("logger")
@@ -236,7 +240,7 @@ def _best_of(run: Path) -> Path:
 
 def resolve_checkpoint(which: str, runs_dir: str | Path) -> Path:
     """`--ckpt_path best` / `last`: that checkpoint of the newest run under `runs_dir` (a logger's
-    `<save_dir>/<name>` holding `version_*` runs, or a checkpoint folder).
+    `<save_dir>/<name>` holding `version_*` runs, one run, or a checkpoint folder).
 
     Raises:
         ValueError: no run there, or the newest runs were written at the same time (the candidates are listed).
