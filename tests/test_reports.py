@@ -233,3 +233,42 @@ def test_an_unreadable_validation_file_leaves_the_other_keys_right(tmp_path, mon
     unknown = [r for r in errors if r["path"].startswith("rank 0 batch 0 item ")]
     assert unknown and all(r["true"] == "blue ünïcode" for r in unknown)
     assert all(Path(r["path"]).parent.name == r["true"] != "blue ünïcode" for r in errors if r not in unknown)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for i in range(10):
+            yield torch.randn(3, 32, 32, generator=generator), i % 3
+
+
+class _Files(torch.utils.data.Dataset):
+    paths = [f"img{i}.png" for i in range(10)]
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.full((3, 32, 32), float(i) / 10), i % 3
+
+
+@pytest.mark.parametrize("dataset", [_Files(), _Stream()], ids=["paths", "streaming"])
+def test_eval_predictions_keeps_every_sample_of_a_plain_lightning_validate(dataset):
+    from helpers import quiet_trainer
+
+    from vision_lora import LoRAClassifier
+    from vision_lora.reports import EvalPredictions
+
+    module = LoRAClassifier("test_resnet", num_classes=3)
+    gather = EvalPredictions()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    quiet_trainer(callbacks=[gather]).validate(module, loader, verbose=False)
+    predictions = gather.predictions
+    assert predictions.stage == "val" and len(predictions.keys) == 10
+    assert predictions.targets.tolist() == [i % 3 for i in range(10)]
+    if isinstance(dataset, _Files):
+        assert predictions.keys == _Files.paths
+    else:
+        assert predictions.keys[:5] == [f"rank 0 batch {i // 4} item {i % 4}" for i in range(5)]
+    wrong = predictions.targets != predictions.preds
+    assert set(predictions.images) == set(np.flatnonzero(wrong).tolist())

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 __all__ = [
     "EvalPredictions",
@@ -206,10 +207,13 @@ class Predictions:
         return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _sample_keys(trainer: L.Trainer, dataloader_idx: int, stage: str) -> tuple[list[int], Any, int]:
-    """The dataset indices this rank evaluates, in batch order, the dataset, and the batch size."""
+def _sample_keys(trainer: L.Trainer, dataloader_idx: int, stage: str) -> tuple[list[int] | None, Any, int]:
+    """The dataset indices this rank evaluates, in batch order (None for a streaming dataset, which has no
+    sampler), the dataset, and the batch size."""
     loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
     loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    if isinstance(loader.dataset, IterableDataset):
+        return None, loader.dataset, loader.batch_size or 1
     sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
     indices = [int(i[0]) if isinstance(i, (tuple, list)) else int(i) for i in sampler]
     return indices, loader.dataset, loader.batch_size or 1
@@ -228,14 +232,15 @@ class EvalPredictions(L.Callback):
     the same on every rank under DDP). The validation loops inside `fit` are not kept.
 
     Batches are `(images, targets)` in the order of the loader's sampler; a sample's key is `dataset.paths[i]` where
-    the dataset has `paths`, else its index. The model's eval step must return the logits.
+    the dataset has `paths`, else its index; for a streaming dataset (no sampler) "rank R batch B item J". The
+    model's eval step must return the logits.
     """
 
     def __init__(self) -> None:
         self.predictions: Predictions | None = None
         self._rows: list[tuple[Any, int, int, float]] = []  # (sample index or unknown key, true, predicted, score)
         self._images: list[tuple[float, Any, np.ndarray]] = []
-        self._order: list[int] = []
+        self._order: list[int] | None = None
         self._dataset: Any = None
         self._batch_size = 1
 
@@ -261,7 +266,7 @@ class EvalPredictions(L.Callback):
         start = batch_idx * self._batch_size
         # A batch shorter than its slice of the sampler lost unreadable files: which ones is not known here, so its
         # samples get no key rather than a wrong one.
-        whole = len(images) == min(self._batch_size, len(self._order) - start)
+        whole = self._order is not None and len(images) == min(self._batch_size, len(self._order) - start)
         probs = logits.detach().float().softmax(-1)
         scores, preds = probs.max(-1)
         config = getattr(pl_module, "data_config", None) or {}
@@ -307,7 +312,8 @@ class EvalPredictions(L.Callback):
 
         def key(i: int | tuple[int, int, int]) -> str:
             if isinstance(i, tuple):
-                return f"rank {i[0]} batch {i[1]} item {i[2]} (its batch had unreadable files)"
+                why = "" if self._order is None else " (its batch had unreadable files)"
+                return f"rank {i[0]} batch {i[1]} item {i[2]}{why}"
             return str(paths[i]) if paths is not None else str(i)
 
         self.predictions = Predictions(
