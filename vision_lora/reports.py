@@ -387,7 +387,7 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str):
                 if matrix[i, j]:
                     colour = "white" if shares[i, j] > 0.5 else "black"
                     ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=cell_size, color=colour)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=max(10.0, size * 0.6))
     fig.tight_layout()
     return fig
 
