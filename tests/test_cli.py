@@ -48,8 +48,8 @@ def test_fit_test_predict_end_to_end(image_folder, backbone_file, tmp_path, monk
     for key, value in adapter.items():
         torch.testing.assert_close(value, ckpt["state_dict"][f"model.{key}"], rtol=0, atol=0)
 
-    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(best)])
-    test_run = tmp_path / "runs" / "lightning_logs" / "version_1"
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])  # the best of the config's newest run
+    test_run = run / "test"
     test_acc = [float(r["test_acc"]) for r in _metrics(test_run) if r.get("test_acc")]
     assert test_acc == [pytest.approx(test_acc[0])] and test_acc[0] >= 0.9
     with open(test_run / "confusion_matrix.csv", newline="", encoding="utf-8") as f:
@@ -59,18 +59,20 @@ def test_fit_test_predict_end_to_end(image_folder, backbone_file, tmp_path, monk
     assert (test_run / "confusion_matrix.png").stat().st_size > 1000
 
     # Predict from the checkpoint alone: backbone, classes and preprocessing all come from it.
-    main(
-        [
-            "predict",
-            "--ckpt_path",
-            str(best),
-            f"--data.predict_dir={image_folder / 'test'}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.accelerator=cpu",
-        ]
-    )
-    with open(_only("runs/lightning_logs/version_2/predictions.csv", tmp_path), newline="", encoding="utf-8") as f:
+    predict = [
+        "predict",
+        f"--data.predict_dir={image_folder / 'test'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+    ]
+    main([*predict, "--ckpt_path", str(best)])
+    with open(run / "predict" / "predictions.csv", newline="", encoding="utf-8") as f:
         predictions = list(csv.DictReader(f))
+    main([*predict, "--ckpt_path", "best", "--output", "mine.csv"])  # no config: the default runs/lightning_logs
+    assert (tmp_path / "mine.csv").read_bytes() == (run / "predict" / "predictions.csv").read_bytes()
+    main(["export", "--ckpt_path", "last", "--output", "merged.safetensors", "--format", "timm"])
+    assert (tmp_path / "merged.safetensors").stat().st_size > 10_000
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # test, predict and export added no run
     assert len(predictions) == 12
     correct = sum(Path(p["path"]).parent.name == p["prediction"] for p in predictions)
     assert correct >= 11
@@ -88,8 +90,10 @@ def test_checkpoint_holds_only_what_trains(image_folder, backbone_file, tmp_path
             "--model.backbone=test_vit",
             f"--model.weights={backbone_file('test_vit')}",
             "--model.input_size=160",
+            "--trainer.logger=TensorBoardLogger",  # in the [dev] extra; the CSV logger is the default
         ]
     )
+    assert _only("runs/lightning_logs/version_0/events.out.tfevents.*", tmp_path).stat().st_size > 0
     ckpt_path = _only("runs/lightning_logs/version_0/checkpoints/last.ckpt", tmp_path)
     ckpt = torch.load(ckpt_path, weights_only=True)
     model = timm.create_model("test_vit", num_classes=3)
@@ -130,6 +134,10 @@ def test_resume_continues_with_the_same_next_step_loss(image_folder, tmp_path, m
         return {int(r["step"]): float(r["train_loss_step"]) for r in rows if r.get("train_loss_step")}
 
     straight, resumed = step_losses("straight"), step_losses("resumed")
+    # The curves' history crossed the restart: epoch 0 came from the stopped run's checkpoint.
+    resumed_last = torch.load(tmp_path / "runs/resumed/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert [row["epoch"] for row in resumed_last["callbacks"]["History"]["epochs"]] == [0, 1]
+    assert (tmp_path / "runs/resumed/version_0/curves.png").is_file()
     assert resumed and min(resumed) == 5  # 36 images / 8 per batch: 5 steps per epoch, resumed at step 5
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], rel=1e-5), step
@@ -194,6 +202,13 @@ def test_ddp_two_processes_on_cpu(image_folder, tmp_path):
     assert len(runs) == 1
     ckpts = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
     assert len(ckpts) == 2 and "last.ckpt" in ckpts  # one best checkpoint and last, written once
+    # The confusion matrix and errors of the extra validation pass hold every validation image once, from both ranks.
+    with open(runs[0] / "confusion_matrix.csv", newline="", encoding="utf-8") as f:
+        assert sum(int(v) for row in list(csv.reader(f))[1:] for v in row[1:]) == 12
+    with open(runs[0] / "errors.csv", newline="", encoding="utf-8") as f:
+        errors = list(csv.DictReader(f))
+    assert len({e["path"] for e in errors}) == len(errors) and all(Path(e["path"]).is_file() for e in errors)
+    assert (runs[0] / "curves.png").is_file() and (runs[0] / "errors.png").is_file()
     # Rank 0 alone wrote the adapter, and it is the best checkpoint's trained tensors.
     best_name = Path(read_adapter_config(runs[0] / "adapter")["checkpoint"]).name
     best = torch.load(runs[0] / "checkpoints" / best_name, weights_only=True)["state_dict"]

@@ -101,3 +101,30 @@ def test_mixup_trains_on_timm_soft_targets():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert all(p.grad is not None for n, p in module.named_parameters() if "lora_" in n)
+
+
+def test_val_acc_is_top1_and_balanced_accuracy_sits_beside_it():
+    """val_acc is the share of images classified right; on imbalanced data the mean per-class recall differs."""
+    module = LoRAClassifier("test_resnet", num_classes=6)
+    y = torch.tensor([0] * 12 + [1, 2, 3, 4, 5] * 2)  # 22 images, class 0 dominant
+    pred = y.clone()
+    pred[:6] = 1  # half of class 0 wrong
+    logits = F.one_hot(pred, 6).float()
+    module.val_metrics.update(logits, y)
+    metrics = {k: v.item() for k, v in module.val_metrics.compute().items()}
+    assert metrics["val_acc"] == pytest.approx(16 / 22)
+    assert metrics["val_balanced_acc"] == pytest.approx((0.5 + 5 * 1.0) / 6)
+    assert set(metrics) == {"val_acc", "val_balanced_acc", "val_f1", "val_acc5"}
+
+
+def test_rates_never_exceed_one(monkeypatch):
+    """A macro average of ones may add up to 1.0000001 in float32; what is logged is clamped to 1."""
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+    monkeypatch.setattr(MulticlassAccuracy, "compute", lambda self: torch.tensor(1.0000001192))
+    monkeypatch.setattr(MulticlassF1Score, "compute", lambda self: torch.tensor(1.0000001192))
+    module = LoRAClassifier("test_resnet", num_classes=7)
+    module.val_metrics.update(torch.eye(7), torch.arange(7))
+    assert {k: v.item() for k, v in module.val_metrics.compute().items()} == dict.fromkeys(
+        ["val_acc", "val_balanced_acc", "val_f1", "val_acc5"], 1.0
+    )

@@ -1,22 +1,25 @@
-"""Lightning plumbing around a run: crash-safe checkpoints, the best adapter at the end of fit, predictions CSV."""
+"""Lightning plumbing around a run: crash-safe checkpoints, the best adapter at the end of fit, predictions CSV,
+progress lines for logs without a terminal."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from .adapter import atomic_write, save_adapter
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter", "SaveBestAdapter", "run_dir"]
+__all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class PredictionWriter(BasePredictionWriter):
     """Writes `predictions.csv` in the run directory: path, predicted class, confidence and the top-5.
 
     Args:
-        filename: name of the CSV file inside the run directory.
+        filename: name of the CSV file inside the run directory, or an absolute path.
     """
 
     def __init__(self, filename: str = "predictions.csv") -> None:
@@ -89,8 +92,10 @@ class PredictionWriter(BasePredictionWriter):
         self.path: Path | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        name = self.filename if trainer.world_size == 1 else f"{Path(self.filename).stem}-rank{trainer.global_rank}.csv"
-        self.path = run_dir(trainer) / name
+        name = Path(self.filename)
+        if trainer.world_size > 1:
+            name = name.with_name(f"{name.stem}-rank{trainer.global_rank}{name.suffix or '.csv'}")
+        self.path = run_dir(trainer) / name  # an absolute filename stays as it is
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow(["path", "prediction", "confidence", "top5"])
@@ -108,3 +113,110 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank_zero_info(f"Predictions written to {self.path}")
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in sorted(metrics.items()):
+        if key.endswith("_step") or key.startswith("lr-") or f"{key}_epoch" in metrics:
+            continue
+        value = float(value)
+        if "acc" in key or key.endswith("_f1"):  # rates: float accumulation may leave them a hair above 1
+            value = min(value, 1.0)
+        parts.append(f"{key} {value:.4f}")
+    return ", ".join(parts)
+
+
+class PlainProgress(ProgressBar):
+    """Progress for a log file (no terminal): a plain line every `every_n_steps` training steps or `interval_s`
+    seconds, whichever comes first, and at the end of every epoch: epoch, step/total, loss, images/s and the ETA of
+    the training (at this epoch's pace, validation not counted); then one line with the epoch's metrics.
+
+    Args:
+        interval_s: seconds between lines at most.
+        every_n_steps: steps between lines at most; 0: by time only.
+    """
+
+    def __init__(self, interval_s: float = 30.0, every_n_steps: int = 0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._train_start = self._last = 0.0
+        self._images = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _say(self, line: str) -> None:
+        if self._enabled:
+            print(line, flush=True)
+
+    def _due(self, done: int, total: float) -> bool:
+        now = time.monotonic()
+        due = now - self._last >= self.interval_s or done == total
+        due = due or (self.every_n_steps > 0 and done % self.every_n_steps == 0)
+        if due:
+            self._last = now
+        return due
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_start = self._last = time.monotonic()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[0])
+        done, total = batch_idx + 1, self.total_train_batches
+        if not self._due(done, total):
+            return
+        elapsed = max(time.monotonic() - self._train_start, 1e-9)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        epoch = trainer.current_epoch
+        left = total - done + (total * (epochs - 1 - epoch) if epochs else 0)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss_text = f"  loss {float(loss):.4f}" if loss is not None else ""
+        total_text = "?" if not math.isfinite(total) else str(int(total))
+        self._say(
+            f"epoch {epoch + 1}/{epochs or '?'}  step {done}/{total_text}{loss_text}  "
+            f"{self._images / elapsed:.1f} images/s  ETA {_clock(elapsed / done * left)}"
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        text = _metric_text(dict(trainer.callback_metrics))
+        self._say(f"epoch {trainer.current_epoch + 1} done in {_clock(time.monotonic() - self._train_start)}: {text}")
+
+    def _eval_start(self) -> None:
+        self._last = time.monotonic()
+
+    def _eval_batch(self, trainer: L.Trainer, stage: str, done: int, total: float) -> None:
+        if trainer.state.fn == "fit" or not self._due(done, total):
+            return
+        self._say(f"{stage}: batch {done}/{total if not math.isfinite(total) else int(total)}")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start()
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start()
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "validate", batch_idx + 1, trainer.num_val_batches[dataloader_idx])
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "test", batch_idx + 1, trainer.num_test_batches[dataloader_idx])
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, "predict", batch_idx + 1, trainer.num_predict_batches[dataloader_idx])

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import pickle
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .adapter import build_from_adapter, read_adapter_config, save_merged
-from .callbacks import AtomicCheckpointIO, PredictionWriter, SaveBestAdapter
+from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import IMAGE_EXTENSIONS, BadFileReport, FolderSource, ImageFolderDataModule, load_rgb, optimize_folder
 from .module import LoRAClassifier
+from .reports import EvalPredictions, History, write_reports
 
-__all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main"]
+__all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
 
 
 def _verify_images(directory: str, data_config: dict, limit: int) -> torch.Tensor:
@@ -33,8 +38,81 @@ def _verify_images(directory: str, data_config: dict, limit: int) -> torch.Tenso
     return torch.stack([transform(load_rgb(p)) for p in paths])
 
 
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
+    """The run a checkpoint belongs to: the folder above `checkpoints/`, else the checkpoint's own folder."""
+    folder = Path(ckpt_path).parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 class VisionLoRATrainer(L.Trainer):
-    """Lightning's Trainer plus `export`: merge the adapter and write ONNX (verified in onnxruntime) or timm weights."""
+    """Lightning's Trainer plus `export` (merge the adapter and write ONNX, verified in onnxruntime, or timm
+    weights); `validate`, `test` and `predict` of a checkpoint write into that checkpoint's run."""
+
+    def _log_beside(self, ckpt_path: str | Path | None, output_dir: str | None, stage: str) -> None:
+        """Log into `output_dir`, else `<the checkpoint's run>/<stage>/`, with a fresh CSVLogger: not into a new
+        version folder, and without reusing the run's logger (a CSVLogger would replace the fit's metrics.csv, and
+        the fit's config.yaml must stay the fit's)."""
+        if output_dir is None and (ckpt_path is None or not Path(ckpt_path).is_file()):
+            return
+        out = Path(output_dir) if output_dir else checkpoint_run_dir(ckpt_path) / stage
+        self.loggers = [CSVLogger(save_dir=str(out.parent), name="", version=out.name)]
+
+    @contextmanager
+    def _quiet_dirpath(self):
+        # Evaluating beside the run moves the (unused) checkpoint folder, which Lightning reports: expected here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            yield
+
+    def validate(
+        self,
+        model=None,
+        dataloaders=None,
+        ckpt_path=None,
+        verbose=True,
+        datamodule=None,
+        weights_only=None,
+        output_dir: str | None = None,
+    ):
+        """Lightning's `validate`; `output_dir`: where results go (default: `<the checkpoint's run>/validate/`)."""
+        self._log_beside(ckpt_path, output_dir, "validate")
+        with self._quiet_dirpath():
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def test(
+        self,
+        model=None,
+        dataloaders=None,
+        ckpt_path=None,
+        verbose=True,
+        datamodule=None,
+        weights_only=None,
+        output_dir: str | None = None,
+    ):
+        """Lightning's `test`; `output_dir`: where results go (default: `<the checkpoint's run>/test/`)."""
+        self._log_beside(ckpt_path, output_dir, "test")
+        with self._quiet_dirpath():
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def predict(
+        self,
+        model=None,
+        dataloaders=None,
+        datamodule=None,
+        return_predictions=None,
+        ckpt_path=None,
+        weights_only=None,
+        output: str | None = None,
+    ):
+        """Lightning's `predict`; `output`: the predictions CSV (default:
+        `<the checkpoint's run>/predict/predictions.csv`)."""
+        self._log_beside(ckpt_path, None, "predict")
+        if output is not None:
+            for callback in self.callbacks:
+                if isinstance(callback, PredictionWriter):
+                    callback.filename = str(Path(output).absolute())
+        with self._quiet_dirpath():
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
     def export(
         self,
@@ -120,6 +198,84 @@ def _resolve_last_checkpoint(config) -> None:
     rank_zero_info(f"Resuming from {last}")
 
 
+def _runs_dir(config) -> Path:
+    """Where the runs of a config are: the run itself for a run's own `config.yaml`, else checkpoint.dirpath, else
+    `<logger save_dir>/<logger name>`, else `<default_root_dir>/lightning_logs`."""
+    for path in config.get("config") or []:
+        folder = Path(str(path)).parent
+        if (folder / "checkpoints").is_dir():
+            return folder
+    if config.checkpoint.get("dirpath"):
+        return Path(config.checkpoint.dirpath)
+    logger = config.trainer.get("logger")
+    init_args = getattr(logger, "init_args", None)
+    if init_args is not None and init_args.get("save_dir") is not None:
+        return Path(init_args.save_dir) / (init_args.get("name") or "lightning_logs")
+    return Path(config.trainer.get("default_root_dir") or "runs") / "lightning_logs"
+
+
+def _checkpoint_dir(run: Path) -> Path:
+    return run / "checkpoints" if (run / "checkpoints").is_dir() else run
+
+
+def _best_of(run: Path) -> Path:
+    """The best checkpoint of a run, as its monitoring ModelCheckpoint recorded it in the newest checkpoint."""
+    folder = _checkpoint_dir(run)
+    newest = max(folder.glob("*.ckpt"), key=lambda c: c.stat().st_mtime)
+    state = torch.load(newest, map_location="cpu", weights_only=True).get("callbacks", {})
+    for key, value in state.items():
+        if key.startswith("ModelCheckpoint") and value.get("monitor") and value.get("best_model_path"):
+            best = folder / Path(value["best_model_path"]).name
+            if best.is_file():
+                return best
+    bests = sorted(folder.glob("best*.ckpt"))
+    if len(bests) == 1:
+        return bests[0]
+    raise ValueError(
+        f"cannot tell the best checkpoint of {run}: "
+        + (", ".join(map(str, bests)) or "it has no best*.ckpt")
+        + "; pass --ckpt_path <file>."
+    )
+
+
+def resolve_checkpoint(which: str, runs_dir: str | Path) -> Path:
+    """`--ckpt_path best` / `last`: that checkpoint of the newest run under `runs_dir` (a logger's
+    `<save_dir>/<name>` holding `version_*` runs, one run, or a checkpoint folder).
+
+    Raises:
+        ValueError: no run there, or the newest runs were written at the same time (the candidates are listed).
+    """
+    root = Path(runs_dir)
+    runs = [d for d in [*sorted(root.glob("version_*")), root] if any(_checkpoint_dir(d).glob("*.ckpt"))]
+    if not runs:
+        elsewhere = sorted(str(c.parent.parent) for c in root.parent.glob("*/version_*/checkpoints/*.ckpt"))
+        hint = f" Runs elsewhere: {', '.join(sorted(set(elsewhere)))}." if elsewhere else ""
+        raise ValueError(
+            f"--ckpt_path {which}: no checkpoint under {root}.{hint} Pass the --config of the fit that wrote it, or "
+            f"a checkpoint file."
+        )
+
+    def span(run: Path) -> tuple[float, float]:
+        times = [c.stat().st_mtime for c in _checkpoint_dir(run).glob("*.ckpt")]
+        times += [f.stat().st_mtime for f in (run / "config.yaml", run / "hparams.yaml") if f.is_file()]
+        return min(times), max(times)
+
+    runs.sort(key=lambda r: span(r)[1])
+    if len(runs) > 1 and span(runs[-2])[1] > span(runs[-1])[0]:
+        overlapping = [str(r) for r in runs if span(r)[1] > span(runs[-1])[0]]
+        raise ValueError(
+            f"--ckpt_path {which}: several runs under {root} were written at the same time ({', '.join(overlapping)}); "
+            f"pass a checkpoint file."
+        )
+    run = runs[-1]
+    if which == "best":
+        return _best_of(run)
+    last = _checkpoint_dir(run) / "last.ckpt"
+    if not last.is_file():
+        raise ValueError(f"--ckpt_path last: {run} has no last.ckpt; pass a checkpoint file.")
+    return last
+
+
 _LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
 _DEFAULT_BACKBONE = inspect.signature(LoRAClassifier).parameters["backbone"].default
 
@@ -152,9 +308,15 @@ class VisionLoRACLI(LightningCLI):
             SaveBestAdapter(),
             PredictionWriter(),
             LearningRateMonitor(logging_interval="epoch"),
+            History(),
+            EvalPredictions(),
         ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
+        # Lightning's live bar writes nothing useful into a log file (nohup, SLURM, CI): plain lines there instead.
+        bar = trainer.progress_bar_callback
+        if type(bar) in (RichProgressBar, TQDMProgressBar) and not sys.stdout.isatty():
+            trainer.callbacks[trainer.callbacks.index(bar)] = PlainProgress()
         # `last.ckpt` after every epoch. ModelCheckpoint(save_last=True) refreshes it only when the monitored metric
         # improves, so a resumed run could silently lose epochs. Appended: `trainer.checkpoint_callback` (the first
         # one) stays the monitored "best" callback.
@@ -170,6 +332,12 @@ class VisionLoRACLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        # Before Lightning reads the hyperparameters of --ckpt_path (fit's own `last` is resolved later).
+        subcommand = self.config.get("subcommand")
+        config = self._subcommand_config()
+        if subcommand != "fit" and config.get("ckpt_path") in ("best", "last"):
+            config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, _runs_dir(config)))
+            rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
         # Next, Lightning replaces the model options with the hyperparameters stored in --ckpt_path, and the links
         # replace num_classes / class_names with the data's: keep what the user asked for, to check it against both.
         model = self._subcommand_config().get("model") or {}
@@ -204,6 +372,44 @@ class VisionLoRACLI(LightningCLI):
                     f"classes ({', '.join(data.class_names)}). "
                     f"Remove model.{key} from the config; vision-lora takes it from the data."
                 )
+
+    # -- what a run shows ---------------------------------------------------------------------------------------
+
+    def _callback(self, kind: type) -> L.Callback | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, kind)), None)
+
+    def _report(self, out_dir: Path, history: list[dict] | None) -> None:
+        predictions = getattr(self._callback(EvalPredictions), "predictions", None)
+        checkpoint = self.trainer.checkpoint_callback
+        monitor = getattr(checkpoint, "monitor", None) or "val_acc"
+        mode = getattr(checkpoint, "mode", "max")
+        if self.trainer.is_global_zero:
+            for path in write_reports(out_dir, self.model.class_names, predictions, history, monitor, mode):
+                rank_zero_info(f"Wrote {path}")
+
+    def after_fit(self) -> None:
+        """One more validation pass, on the best checkpoint, for the confusion matrix and the errors; then the
+        curves, all in the run directory. Nothing of this pass is logged."""
+        trainer = self.trainer
+        out_dir = run_dir(trainer)
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        # Taken first: loading the best checkpoint below also restores the History of that epoch.
+        history = list(getattr(self._callback(History), "epochs", None) or [])
+        if not trainer.interrupted and trainer.limit_val_batches != 0:
+            loggers, trainer.loggers = trainer.loggers, []
+            try:
+                ckpt = best if best and Path(best).is_file() else None
+                # Lightning's own validate: this pass writes nothing of its own beside the run.
+                L.Trainer.validate(trainer, self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+            finally:
+                trainer.loggers = loggers
+        self._report(out_dir, history)
+
+    def after_validate(self) -> None:
+        self._report(run_dir(self.trainer), None)
+
+    def after_test(self) -> None:
+        self._report(run_dir(self.trainer), None)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -244,12 +450,27 @@ def optimize(args: list[str]) -> None:
     print(report, file=sys.stderr)
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's promotional "💡 Tip:" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _hide_tips() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of `vision-lora`; `args` replaces `sys.argv[1:]` (for tests and notebooks).
 
     Errors a user can fix (bad paths, options, data) end with one line on stderr and exit status 1; set
     VISION_LORA_TRACEBACK=1 to see the traceback.
     """
+    _hide_tips()
     try:
         argv = sys.argv[1:] if args is None else args
         if argv[:1] == ["optimize"]:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .adapter import adapter_state_dict
-from .callbacks import run_dir
 from .data import preprocessing_config
 from .inject import LoRAConfig, apply_lora, classifier_names
 from .weights import create_backbone
@@ -26,6 +23,22 @@ __all__ = ["LoRAClassifier"]
 
 # Frozen BatchNorm layers stay in eval mode during training on purpose (their statistics are part of the backbone).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class _AtMostOne:
+    """A rate metric whose float accumulation never reports more than 1 (a macro average of ones can add up to
+    1.0000001)."""
+
+    def compute(self) -> Tensor:
+        return super().compute().clamp(max=1.0)
+
+
+class Accuracy(_AtMostOne, MulticlassAccuracy):
+    pass
+
+
+class MacroF1(_AtMostOne, MulticlassF1Score):
+    pass
 
 
 def is_convnet(model: torch.nn.Module) -> bool:
@@ -169,14 +182,19 @@ class LoRAClassifier(L.LightningModule):
         return list(names) if names else [str(i) for i in range(self.num_classes)]
 
     def _build_metrics(self) -> None:
+        """`acc`: top-1 accuracy, the share of images classified right (what checkpoints monitor as `val_acc`);
+        `balanced_acc`: the mean of the per-class recalls; `f1`: macro F1; `acc5`: top-5 accuracy from 5 classes."""
         n = self.num_classes
-        metrics = {"acc": MulticlassAccuracy(n, top_k=1), "f1": MulticlassF1Score(n, average="macro")}
+        metrics = {
+            "acc": Accuracy(n, average="micro"),
+            "balanced_acc": Accuracy(n, average="macro"),
+            "f1": MacroF1(n, average="macro"),
+        }
         if n >= 5:
-            metrics["acc5"] = MulticlassAccuracy(n, top_k=5)
+            metrics["acc5"] = Accuracy(n, top_k=5, average="micro")
         # No compute groups: top-1 and top-5 accuracy have the same state layout but must not share it.
         self.val_metrics = MetricCollection(metrics, prefix="val_", compute_groups=False)
         self.test_metrics = self.val_metrics.clone(prefix="test_")
-        self.test_confmat = MulticlassConfusionMatrix(n)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
@@ -217,56 +235,18 @@ class LoRAClassifier(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return logits
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        """Returns the logits (for callbacks such as `reports.EvalPredictions`)."""
+        return self._eval_step(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        logits = self._eval_step(batch, self.test_metrics, "test")
-        if logits is not None:
-            self.test_confmat.update(logits, batch[1])
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        return self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> dict:
         x, paths = batch
         if x.shape[0] == 0:
             return {"paths": [], "probs": x.new_zeros(0, self.num_classes)}
         return {"paths": list(paths), "probs": self(x).softmax(-1)}
-
-    # -- epoch ends ----------------------------------------------------------------------------------------------
-
-    def on_test_epoch_end(self) -> None:
-        matrix = self.test_confmat.compute().cpu()
-        self.test_confmat.reset()
-        self._write_confusion_matrix(matrix, run_dir(self.trainer))
-
-    @rank_zero_only
-    def _write_confusion_matrix(self, matrix: Tensor, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        names = self.class_names
-        with open(out_dir / "confusion_matrix.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true \\ predicted", *names])
-            for name, row in zip(names, matrix.tolist(), strict=True):
-                writer.writerow([name, *row])
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        size = max(4.0, 0.45 * len(names) + 2)
-        fig, ax = plt.subplots(figsize=(size, size))
-        ax.imshow(matrix.numpy(), cmap="Blues")
-        ax.set_xticks(range(len(names)), names, rotation=90)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if len(names) <= 30:
-            for i, row in enumerate(matrix.tolist()):
-                for j, v in enumerate(row):
-                    ax.text(j, i, int(v), ha="center", va="center", fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
-        rank_zero_info(f"Confusion matrix written to {out_dir / 'confusion_matrix.csv'} and .png")
 
     # -- optimization --------------------------------------------------------------------------------------------
 
