@@ -215,7 +215,7 @@ def test_optimize_fit_test_export_on_the_digits_through_the_cli(tmp_path, monkey
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     main(["test", *common, f"--ckpt_path={best}"])
-    (matrix_csv,) = (tmp_path / "runs").rglob("confusion_matrix.csv")
+    (matrix_csv,) = [p for p in (tmp_path / "runs").rglob("confusion_matrix.csv") if "test" in p.parts]
     matrix = matrix_csv.read_text(encoding="utf-8").splitlines()
     assert matrix[0].split(",")[1:] == [str(d) for d in range(10)]
     assert sum(int(v) for row in matrix[1:] for v in row.split(",")[1:]) == 270
