@@ -82,11 +82,13 @@ def server(*args: str, log: Path):
         process.wait(timeout=10)
 
 
-class PeakRSS:
-    """Samples the summed RSS of a process and its children every 50 ms in a thread."""
+class PeakMemory:
+    """Samples the memory of a process and its children every 0.2 s in a thread: the peak of the summed RSS (which
+    counts the pages forked processes share once per process) and of the summed PSS (shared pages split between
+    their users: what the server tree really occupies)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.pid, self.rss, self.pss, self.stop = pid, 0, 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -95,13 +97,15 @@ class PeakRSS:
             with contextlib.suppress(psutil.Error):
                 parent = psutil.Process(self.pid)
                 tree = [parent, *parent.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
-            time.sleep(0.05)
+                info = [p.memory_full_info() for p in tree]
+                self.rss = max(self.rss, sum(m.rss for m in info))
+                self.pss = max(self.pss, sum(getattr(m, "pss", m.rss) for m in info))
+            time.sleep(0.2)
 
-    def close(self) -> int:
+    def close(self) -> dict:
         self.stop.set()
         self.thread.join()
-        return self.peak
+        return {"peak_rss_mb": round(self.rss / 1e6), "peak_pss_mb": round(self.pss / 1e6)}
 
 
 def load(port: int, bodies: list[bytes], labels: list[str], concurrency: int, requests: int, max_seconds: float):
@@ -278,21 +282,21 @@ def main() -> None:
         ):
             load(port, bodies[:32], labels[:32], 4, 64, 30)  # warm-up
             for c in args.concurrency:
-                rss = PeakRSS(proc.pid)
+                memory = PeakMemory(proc.pid)
                 figures = load(port, bodies, labels, c, args.requests, args.max_seconds)
-                figures["peak_rss_mb"] = round(rss.close() / 1e6)
+                figures.update(memory.close())
                 runs.append({"max_batch_size": 16, **figures})
                 print(runs[-1], flush=True)
-            rss = PeakRSS(proc.pid)
+            memory = PeakMemory(proc.pid)
             long = load(port, bodies, labels, 16, args.long_requests, args.max_seconds * 3)
-            long["peak_rss_mb"] = round(rss.close() / 1e6)
+            long.update(memory.close())
             result["long_run"] = {"max_batch_size": 16, **long}
             print("long", result["long_run"], flush=True)
         with server("--model", str(fp32), "--max_batch_size", "1", log=tmp / "s1.log") as (port, proc):
             load(port, bodies[:32], labels[:32], 4, 64, 30)
-            rss = PeakRSS(proc.pid)
+            memory = PeakMemory(proc.pid)
             figures = load(port, bodies, labels, 16, args.requests, args.max_seconds)
-            figures["peak_rss_mb"] = round(rss.close() / 1e6)
+            figures.update(memory.close())
             runs.append({"max_batch_size": 1, **figures})
             print(runs[-1], flush=True)
         result["load"] = runs

@@ -239,11 +239,20 @@ class ClassifierAPI(ls.LitAPI):
         top_k: classes per answer.
         max_batch_size: the most requests run together.
         batch_timeout: seconds a batch waits to fill.
+        threads: compute threads of each worker; None lets onnxruntime / PyTorch choose (all cores).
     """
 
-    def __init__(self, served: ServedModel, top_k: int = 5, max_batch_size: int = 16, batch_timeout: float = 0.005):
+    def __init__(
+        self,
+        served: ServedModel,
+        top_k: int = 5,
+        max_batch_size: int = 16,
+        batch_timeout: float = 0.005,
+        threads: int | None = None,
+    ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.served = served
+        self.threads = threads
         self.top_k = min(top_k, served.info["num_classes"])
         self.shape = tuple(served.info["input_size"])
         self.classes = served.info["classes"]
@@ -255,7 +264,9 @@ class ClassifierAPI(ls.LitAPI):
 
             from .export import INPUT_NAME, OUTPUT_NAME
 
-            session = ort.InferenceSession(served.onnx, providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads or 0
+            session = ort.InferenceSession(served.onnx, options, providers=["CPUExecutionProvider"])
             self.run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
             return
         import torch
@@ -263,6 +274,8 @@ class ClassifierAPI(ls.LitAPI):
         from .export import load_model
         from .inject import merge_lora
 
+        if self.threads:
+            torch.set_num_threads(self.threads)
         model = merge_lora(load_model(ckpt_path=served.ckpt_path, adapter=served.adapter).model).eval()
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -348,7 +361,8 @@ def serve(
     if batch_timeout_ms < 0 or max_pixels < 1 or max_body_mb <= 0:
         raise ValueError("--batch_timeout_ms must be >= 0, --max_pixels and --max_body_mb positive.")
     served = describe_model(model, ckpt_path, adapter)
-    api = ClassifierAPI(served, top_k=top_k, max_batch_size=max_batch_size, batch_timeout=batch_timeout_ms / 1000)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # workers share the cores
+    api = ClassifierAPI(served, top_k, max_batch_size, batch_timeout_ms / 1000, threads)
     limits = {"max_batch_size": max_batch_size, "batch_timeout_ms": batch_timeout_ms, "top_k": api.top_k}
     limits |= {"max_pixels": int(max_pixels), "max_body_mb": max_body_mb, "workers": workers}
     gate = {"data_config": served.data_config, "max_body_bytes": int(max_body_mb * 1e6), "max_pixels": int(max_pixels)}
