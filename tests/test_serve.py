@@ -300,6 +300,10 @@ def test_an_onnx_file_without_vision_lora_metadata_fails_at_startup(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(tmp_path / "missing.onnx")])
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(tmp_path / "text.onnx")])
+    assert "is not an ONNX file" in capsys.readouterr().err
 
 
 def test_sigterm_stops_the_server_and_its_workers(server):

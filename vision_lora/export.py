@@ -449,7 +449,10 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass the .onnx file written by export_onnx.")
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path} is not an ONNX file ({type(err).__name__}).") from None
     out = {}
     for prop in proto.metadata_props:
         try:
