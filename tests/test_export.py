@@ -12,7 +12,7 @@ from timm.layers import Conv2dSame
 
 from vision_lora import LoRAConfig, apply_lora, merge_lora
 from vision_lora import export as export_module
-from vision_lora.export import export_onnx, read_onnx_metadata
+from vision_lora.export import export_onnx, load_model, quantize_int8, read_onnx_metadata
 from vision_lora.inject import lora_layers
 from vision_lora.layers import LoRALayer
 
@@ -293,3 +293,46 @@ def test_report_prints_a_short_summary(vit_export):
     text = str(vit_export["report"])
     assert len(text.splitlines()) == 2 and "batch 1" in text and "batch 3" in text and "100.0%" in text
     assert np.isfinite(vit_export["report"].export_seconds) and vit_export["report"].export_seconds > 0
+
+
+def test_int8_quantization_writes_only_when_agreement_reaches_the_minimum(tmp_path):
+    fp32, int8 = tmp_path / "m.fp32.onnx", tmp_path / "m.onnx"
+    _export_tiny(fp32)
+    generator = torch.Generator().manual_seed(0)
+    calibration, evaluation = torch.randn(8, 3, 32, 32, generator=generator), torch.randn(12, 3, 32, 32)
+    labels = _onnx_logits(fp32, evaluation).argmax(1)
+    report = quantize_int8(fp32, int8, calibration, evaluation, labels, min_agreement=0.0)
+    assert report.written and report.fp32_accuracy == 1.0 and 0 <= report.agreement <= 1
+    assert report.int8_accuracy == report.agreement and "top-1 agreement" in str(report)
+    meta = read_onnx_metadata(int8)
+    assert meta["precision"] == "int8" and meta["input_size"] == [3, 32, 32] and meta["backbone"] == "tiny"
+    settings = meta["quantization"]
+    assert settings["format"] == "QDQ" and settings["calibration_images"] == 8 and len(settings["float_nodes"]) == 1
+    ops = {n.op_type for n in onnx.load(int8).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # the Gemm of the head is int8; the stem conv stays float
+    assert _onnx_logits(int8, evaluation).shape == (12, 3)
+
+    int8.write_bytes(b"previous export")
+    refused = quantize_int8(fp32, int8, calibration, evaluation, min_agreement=1.01)
+    assert not refused.written and refused.fp32_accuracy is None
+    assert int8.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.fp32.onnx",
+        "m.onnx",
+    ]
+    _export_tiny(tmp_path / "m16.onnx", fp16=True)
+    with pytest.raises(ValueError, match="int8 quantization starts from a float32 export"):
+        quantize_int8(tmp_path / "m16.onnx", int8, calibration, evaluation)
+
+
+def test_load_model_needs_exactly_one_existing_source(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of --ckpt_path or --adapter"):
+        load_model()
+    with pytest.raises(ValueError, match="exactly one of --ckpt_path or --adapter"):
+        load_model(ckpt_path="a.ckpt", adapter="dir")
+    with pytest.raises(FileNotFoundError):
+        load_model(ckpt_path=tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a checkpoint written by vision-lora fit"):
+        load_model(ckpt_path=tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError, match="adapter directory"):
+        load_model(adapter=tmp_path)

@@ -1,4 +1,5 @@
-"""The `vision-lora` command: LightningCLI with fit / validate / test / predict and an `export` subcommand."""
+"""The `vision-lora` command: LightningCLI with fit / validate / test / predict and an `export` subcommand, and
+`serve` (see `serve.py`)."""
 
 from __future__ import annotations
 
@@ -19,23 +20,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .adapter import build_from_adapter, read_adapter_config, save_merged
+from .adapter import save_merged
 from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
-from .data import IMAGE_EXTENSIONS, BadFileReport, FolderSource, ImageFolderDataModule, load_rgb, optimize_folder
+from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
 from .reports import EvalPredictions, History, write_reports
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
-
-
-def _verify_images(directory: str, data_config: dict, limit: int) -> torch.Tensor:
-    from timm.data import create_transform
-
-    transform = create_transform(**data_config)
-    paths = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
-    if not paths:
-        raise ValueError(f"No images found in --verify_dir {directory}.")
-    return torch.stack([transform(load_rgb(p)) for p in paths])
 
 
 def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
@@ -45,8 +36,8 @@ def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
 
 
 class VisionLoRATrainer(L.Trainer):
-    """Lightning's Trainer plus `export` (merge the adapter and write ONNX, verified in onnxruntime, or timm
-    weights); `validate`, `test` and `predict` of a checkpoint write into that checkpoint's run."""
+    """Lightning's Trainer plus `export` (merge the adapter and write ONNX, verified in onnxruntime and optionally
+    int8, or timm weights); `validate`, `test` and `predict` of a checkpoint write into that checkpoint's run."""
 
     def _log_beside(self, ckpt_path: str | Path | None, output_dir: str | None, stage: str) -> None:
         """Log into `output_dir`, else `<the checkpoint's run>/<stage>/`, with a fresh CSVLogger: not into a new
@@ -126,12 +117,17 @@ class VisionLoRATrainer(L.Trainer):
         fp16: bool = False,
         verify_dir: str | None = None,
         verify_limit: int = 64,
+        quantize: str | None = None,
+        calib_dir: str | None = None,
+        calib_split: str = "train",
+        calib_images: int = 256,
+        min_agreement: float = 0.99,
     ) -> None:
         """Merge LoRA into the backbone and export it.
 
         Args:
-            model: the LoRAClassifier (rebuilt from the checkpoint's hyperparameters when `ckpt_path` is given).
-            datamodule: unused.
+            model: unused (the model is rebuilt from `ckpt_path` or `adapter`).
+            datamodule: its `--data.root` gives the images of `--quantize int8` when the checkpoint's is not wanted.
             ckpt_path: a checkpoint written by `vision-lora fit`.
             adapter: an adapter directory written by `vision-lora fit` (instead of `ckpt_path`).
             output: the file to write.
@@ -141,33 +137,42 @@ class VisionLoRATrainer(L.Trainer):
             fp16: write fp16 ONNX weights (verified with a looser tolerance).
             verify_dir: a folder of real images to also verify the ONNX file on.
             verify_limit: at most this many images of `verify_dir`.
+            quantize: "int8": `output` becomes a static int8 (QDQ) model and the verified float32 one is written
+                beside it as `<output stem>.fp32.onnx`.
+            calib_dir: images to calibrate int8 activations on; by default `calib_split` of the data root.
+            calib_split: the split of the data root (the checkpoint's, or --data.root) to calibrate on.
+            calib_images: at most this many calibration images.
+            min_agreement: the int8 file is not written when its top-1 agreement with float32 on the test split
+                (else val) is lower.
         """
-        from timm.data import resolve_model_data_config
+        from .export import export_onnx, image_files, load_model, preprocess_files, quantize_trained
 
-        from .export import export_onnx
-
-        if (ckpt_path is None) == (adapter is None):
-            raise ValueError("export needs exactly one of --ckpt_path or --adapter.")
         if format not in ("onnx", "timm"):
             raise ValueError(f"--format must be 'onnx' or 'timm', got {format!r}.")
-        if adapter is not None:
-            info = read_adapter_config(adapter)
-            net, class_names = build_from_adapter(adapter), info.get("class_names")
-            data_config = info.get("data_config") or resolve_model_data_config(net)
-        else:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            model.on_load_checkpoint(checkpoint)
-            model.load_state_dict(checkpoint["state_dict"])
-            net, class_names, data_config = model.model, model.class_names, model.data_config
+        if quantize not in (None, "int8") or (quantize and (fp16 or format != "onnx")):
+            raise ValueError(f"--quantize takes 'int8', for a float32 ONNX export (no --fp16); got {quantize!r}.")
+        trained = load_model(ckpt_path=ckpt_path, adapter=adapter)
         if format == "timm":
-            path = save_merged(net, output)
+            path = save_merged(trained.model, output)
             rank_zero_info(f"Merged timm checkpoint written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
             return
-        images = _verify_images(verify_dir, data_config, verify_limit) if verify_dir else None
+        images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
+        fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output
         report = export_onnx(
-            net, output, class_names=class_names, data_config=data_config, opset=opset, fp16=fp16, images=images
+            trained.model,
+            fp32_path,
+            class_names=trained.class_names,
+            data_config=trained.data_config,
+            opset=opset,
+            fp16=fp16,
+            images=images,
         )
         rank_zero_info(str(report))
+        if quantize:
+            root = getattr(datamodule, "root", None)
+            settings = dict(calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
+            report = quantize_trained(trained, fp32_path, output, data_root=root, calib_dir=calib_dir, **settings)
+            rank_zero_info(str(report))
 
 
 def _resolve_last_checkpoint(config) -> None:
@@ -475,6 +480,13 @@ def main(args: list[str] | None = None) -> None:
         argv = sys.argv[1:] if args is None else args
         if argv[:1] == ["optimize"]:
             return optimize(argv[1:])
+        if argv[:1] == ["serve"]:  # not a LightningCLI subcommand: no Trainer, and --model names the file to serve
+            from jsonargparse import CLI
+
+            from .serve import serve
+
+            CLI(serve, args=argv[1:], prog="vision-lora serve")
+            return
         given = [key for key in _LINKED for arg in argv if arg.split("=")[0] == f"--model.{key}"]
         if given:  # jsonargparse's own message for a linked option is cryptic
             raise ValueError(

@@ -13,6 +13,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,26 @@ from torch import Tensor, nn
 from . import __version__
 from .adapter import atomic_write, package_versions
 from .adapter import model_name as timm_model_name
+from .data import image_files as data_image_files
+from .data import load_rgb
 from .inject import lora_layers, merge_lora
+from .preprocess import eval_transform
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ExportReport", "export_onnx", "read_onnx_metadata"]
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportReport",
+    "QuantizationReport",
+    "TrainedModel",
+    "export_onnx",
+    "image_files",
+    "labelled_images",
+    "load_model",
+    "preprocess_files",
+    "quantize_int8",
+    "quantize_trained",
+    "read_onnx_metadata",
+]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -239,6 +258,98 @@ def _verify(
     return diffs, agree
 
 
+def _check_arguments(opset: int, batch_sizes: tuple[int, ...]) -> tuple[int, ...]:
+    if opset < _MIN_OPSET:
+        raise ValueError(
+            f"opset must be >= {_MIN_OPSET} (the lowest the torch.onnx dynamo exporter writes), got {opset}."
+        )
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive batch sizes such as (1, 3), got {batch_sizes}.")
+    if all(b == _EXPORT_BATCH for b in batch_sizes):
+        raise ValueError(f"batch_sizes must include a size other than {_EXPORT_BATCH}, the one the graph is traced at.")
+    return batch_sizes
+
+
+def _resolve_data_config(model: nn.Module, data_config: dict | None, images: Tensor | None) -> dict:
+    """timm's data config of `model` with `data_config` on top, its input_size checked against `images`."""
+    cfg = {**timm.data.resolve_model_data_config(model), **(data_config or {})}
+    input_size = tuple(int(s) for s in cfg["input_size"])
+    if len(input_size) != 3:
+        raise ValueError(f"data_config['input_size'] must be (channels, height, width), got {cfg['input_size']}.")
+    if images is not None and (images.ndim != 4 or tuple(images.shape[1:]) != input_size):
+        raise ValueError(
+            f"images must be a preprocessed batch of shape (N, {', '.join(map(str, input_size))}), got "
+            f"{tuple(images.shape)}; preprocess them with the same data config."
+        )
+    return {**cfg, "input_size": input_size}
+
+
+def _reference_outputs(
+    merged: nn.Module, input_size: tuple[int, ...], batch_sizes: tuple[int, ...], images: Tensor | None
+) -> tuple[dict, dict]:
+    """Verification inputs (random batches keyed by batch size, and "images") and PyTorch's logits for each."""
+    generator = torch.Generator().manual_seed(0)
+    inputs: dict[int | str, Tensor] = {b: torch.randn(b, *input_size, generator=generator) for b in batch_sizes}
+    if images is not None:
+        inputs["images"] = images.detach().to("cpu", torch.float32)
+    return inputs, {key: _logits(merged, x) for key, x in inputs.items()}
+
+
+def _graph_model(merged: nn.Module, fp16: bool) -> nn.Module:
+    """What is traced: `merged`, or its float16 copy behind a float32 interface; refuses files ONNX cannot hold."""
+    weight_bytes = sum(t.numel() for t in (*merged.parameters(), *merged.buffers())) * (2 if fp16 else 4)
+    if weight_bytes > _MAX_WEIGHT_BYTES:
+        raise ValueError(
+            f"The model's weights take {weight_bytes / 2**30:.1f} GiB, more than a single-file ONNX model can hold "
+            f"(2 GiB); export a smaller model{'' if fp16 else ' or use fp16=True'}."
+        )
+    if not fp16:
+        return merged
+    too_large = [n for n, t in merged.state_dict().items() if t.is_floating_point() and t.abs().max() > _FLOAT16_MAX]
+    if too_large:
+        raise ValueError(f"Weights {too_large[:3]} exceed the float16 range (65504); export with fp16=False.")
+    return _Float16Graph(merged).eval()
+
+
+def _metadata(cfg: dict, name: str, class_names: list[str] | None, num_classes: int, fp16: bool, opset: int) -> dict:
+    """What the file records: preprocessing, classes and provenance (read back by `read_onnx_metadata`)."""
+    return {
+        "class_names": class_names,
+        "num_classes": num_classes,
+        "input_size": list(cfg["input_size"]),
+        "mean": [float(m) for m in cfg["mean"]],
+        "std": [float(s) for s in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "crop_pct": float(cfg.get("crop_pct", 1.0)),
+        "crop_mode": cfg.get("crop_mode", "center"),
+        "backbone": name,
+        "precision": "float16" if fp16 else "float32",
+        "vision_lora_version": package_versions().get("vision-lora", __version__),
+        "opset": opset,
+    }
+
+
+def _write_verified(
+    proto: onnx.ModelProto, output: str | os.PathLike, inputs: dict, references: dict, tolerance: float, fp16: bool
+) -> tuple[dict, dict, float]:
+    """Write `proto` to `output` atomically, only once onnxruntime reproduces `references` on `inputs`.
+
+    Returns:
+        The max abs differences and per-row top-1 agreement by input key, and the seconds writing and checking took.
+    """
+    result = {}
+
+    def write(tmp: str) -> None:
+        begin = time.perf_counter()
+        onnx.save_model(proto, tmp)
+        result["diffs"], result["agree"] = _verify(tmp, inputs, references, tolerance, fp16, output)
+        result["seconds"] = time.perf_counter() - begin
+
+    atomic_write(output, write)
+    return result["diffs"], result["agree"], result["seconds"]
+
+
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
@@ -289,85 +400,30 @@ def export_onnx(
             graph with a fixed batch dimension, or onnxruntime logits further from PyTorch than the tolerance. The
             output file is not written then.
     """
-    if opset < _MIN_OPSET:
-        raise ValueError(
-            f"opset must be >= {_MIN_OPSET} (the lowest the torch.onnx dynamo exporter writes), got {opset}."
-        )
-    batch_sizes = tuple(int(b) for b in batch_sizes)
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"batch_sizes must be positive batch sizes such as (1, 3), got {batch_sizes}.")
-    if all(b == _EXPORT_BATCH for b in batch_sizes):
-        raise ValueError(f"batch_sizes must include a size other than {_EXPORT_BATCH}, the one the graph is traced at.")
+    batch_sizes = _check_arguments(opset, batch_sizes)
     name = model_name or timm_model_name(model)
-    cfg = {**timm.data.resolve_model_data_config(model), **(data_config or {})}
-    input_size = tuple(int(s) for s in cfg["input_size"])
-    if len(input_size) != 3:
-        raise ValueError(f"data_config['input_size'] must be (channels, height, width), got {cfg['input_size']}.")
-    if images is not None and (images.ndim != 4 or tuple(images.shape[1:]) != input_size):
-        raise ValueError(
-            f"images must be a preprocessed batch of shape (N, {', '.join(map(str, input_size))}), got "
-            f"{tuple(images.shape)}; preprocess them with the same data config."
-        )
-
+    cfg = _resolve_data_config(model, data_config, images)
     merged = _merged_copy(model)
-    generator = torch.Generator().manual_seed(0)
-    inputs: dict[int | str, Tensor] = {b: torch.randn(b, *input_size, generator=generator) for b in batch_sizes}
-    if images is not None:
-        inputs["images"] = images.detach().to("cpu", torch.float32)
-    references = {key: _logits(merged, x) for key, x in inputs.items()}
+    inputs, references = _reference_outputs(merged, cfg["input_size"], batch_sizes, images)
     num_classes = references[batch_sizes[0]].shape[1]
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names given for a model with {num_classes} outputs.")
+    graph_model = _graph_model(merged, fp16)
+    metadata = _metadata(cfg, name, class_names, num_classes, fp16, opset)
 
-    weight_bytes = sum(t.numel() for t in (*merged.parameters(), *merged.buffers())) * (2 if fp16 else 4)
-    if weight_bytes > _MAX_WEIGHT_BYTES:
-        raise ValueError(
-            f"The model's weights take {weight_bytes / 2**30:.1f} GiB, more than a single-file ONNX model can hold "
-            f"(2 GiB); export a smaller model{'' if fp16 else ' or use fp16=True'}."
-        )
-    graph_model = merged
-    if fp16:
-        too_large = [
-            n for n, t in merged.state_dict().items() if t.is_floating_point() and t.abs().max() > _FLOAT16_MAX
-        ]
-        if too_large:
-            raise ValueError(f"Weights {too_large[:3]} exceed the float16 range (65504); export with fp16=False.")
-        graph_model = _Float16Graph(merged).eval()
-
-    metadata = {
-        "class_names": class_names,
-        "num_classes": num_classes,
-        "input_size": list(input_size),
-        "mean": [float(m) for m in cfg["mean"]],
-        "std": [float(s) for s in cfg["std"]],
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "crop_pct": float(cfg.get("crop_pct", 1.0)),
-        "crop_mode": cfg.get("crop_mode", "center"),
-        "backbone": name,
-        "precision": "float16" if fp16 else "float32",
-        "vision_lora_version": package_versions().get("vision-lora", __version__),
-        "opset": opset,
-    }
     start = time.perf_counter()
-    program = _trace(graph_model, torch.randn(_EXPORT_BATCH, *input_size, generator=generator), opset)
+    example = torch.randn(_EXPORT_BATCH, *cfg["input_size"], generator=torch.Generator().manual_seed(1))
+    program = _trace(graph_model, example, opset)
     num_params = _graph_params(program, graph_model)
     proto = _to_proto(program, metadata)
     export_seconds = time.perf_counter() - start
     del program
 
     tolerance = fp16_atol if fp16 else atol
-    result = {}
-
-    def write_verified(tmp: str) -> None:
-        begin = time.perf_counter()
-        onnx.save_model(proto, tmp)
-        result["diffs"], result["agree"] = _verify(tmp, inputs, references, tolerance, fp16, output)
-        result["verify_seconds"] = time.perf_counter() - begin
-
-    atomic_write(output, write_verified)
-    path, diffs, agree = Path(output), result["diffs"], result["agree"]
+    diffs, agree, verify_seconds = _write_verified(proto, output, inputs, references, tolerance, fp16)
+    path = Path(output)
     return ExportReport(
         path=path,
         size_bytes=path.stat().st_size,
@@ -376,7 +432,7 @@ def export_onnx(
         opset=opset,
         precision=metadata["precision"],
         tolerance=tolerance,
-        verify_seconds=result["verify_seconds"],
+        verify_seconds=verify_seconds,
         max_abs_diff={b: diffs[b] for b in batch_sizes},
         top1_agreement=float(np.concatenate([agree[b] for b in batch_sizes]).mean()),
         images_max_abs_diff=diffs.get("images"),
@@ -394,7 +450,10 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass the .onnx file written by export_onnx.")
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path} is not an ONNX file ({type(err).__name__}).") from None
     out = {}
     for prop in proto.metadata_props:
         try:
@@ -404,3 +463,316 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     if "vision_lora_version" not in out:
         raise ValueError(f"{path} has no vision_lora metadata; it was not written by vision_lora.export_onnx.")
     return out
+
+
+# -- loading a trained model ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """A trained classifier as `vision-lora fit` left it, with what exporting and serving need to know about it.
+
+    Attributes:
+        model: the timm model with its LoRA layers (unmerged), in eval mode on the CPU.
+        name: the timm model name.
+        class_names: the label of each output index.
+        data_config: the preprocessing it was trained with (input_size, mean, std, interpolation, crop_pct).
+        data_root: the dataset folder of the training run when the checkpoint records it, else None.
+    """
+
+    model: nn.Module
+    name: str
+    class_names: list[str] | None
+    data_config: dict
+    data_root: str | None = None
+
+
+def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None) -> TrainedModel:
+    """Rebuild a trained model from a checkpoint of `vision-lora fit` or from an adapter directory.
+
+    The backbone weights come from the source the run recorded (`weights`: offline, hub or a file), the trained
+    tensors (LoRA, head) from the checkpoint or adapter.
+
+    Raises:
+        ValueError: not exactly one source, or a file that is not a vision_lora checkpoint / adapter.
+        FileNotFoundError: the checkpoint or adapter is missing.
+    """
+    if (ckpt_path is None) == (adapter is None):
+        raise ValueError(
+            "exactly one of --ckpt_path or --adapter is needed: a checkpoint of vision-lora fit, or its adapter dir."
+        )
+    if adapter is not None:
+        from timm.data import resolve_model_data_config
+
+        from .adapter import build_from_adapter, read_adapter_config
+
+        info = read_adapter_config(adapter)
+        model = build_from_adapter(adapter).eval()
+        data_config = info.get("data_config") or resolve_model_data_config(model)
+        return TrainedModel(model, info["model_name"], info.get("class_names"), dict(data_config))
+    from .module import LoRAClassifier
+
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} not found.")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or "vision_lora" not in checkpoint:
+        raise ValueError(f"{ckpt_path} is not a checkpoint written by vision-lora fit.")
+    module = LoRAClassifier(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    root = (checkpoint.get("datamodule_hyper_parameters") or {}).get("root")
+    return TrainedModel(module.model.eval(), hparams["backbone"], module.class_names, dict(module.data_config), root)
+
+
+def image_files(directory: str | os.PathLike, limit: int | None = None) -> list[Path]:
+    """Image files under `directory` (the DataModule's scan: recursive, hidden ones skipped), sorted; at most
+    `limit`, spread evenly over the sorted list so that every class folder is represented.
+
+    Raises:
+        FileNotFoundError: no images there.
+    """
+    paths = [Path(p) for p in data_image_files(directory)]
+    if limit is not None and len(paths) > limit:
+        paths = [paths[i * len(paths) // limit] for i in range(limit)]
+    return paths
+
+
+def labelled_images(split_dir: str | os.PathLike, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    """The images of `split_dir/<class>/` with their class indices in `class_names` order.
+
+    Raises:
+        ValueError: a class folder whose name is not among `class_names`.
+    """
+    split_dir = Path(split_dir)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in index]
+    if unknown:
+        raise ValueError(f"{split_dir} has class folder {unknown[0]!r}, which is not a class of the model.")
+    paths = image_files(split_dir)
+    return paths, [index[p.relative_to(split_dir).parts[0]] for p in paths]
+
+
+def preprocess_files(paths: list[Path], data_config: dict) -> Tensor:
+    """The preprocessed batch (N, C, H, W) of image files, with the eval transform of `data_config`."""
+    transform = eval_transform(data_config)
+    return torch.stack([transform(load_rgb(p)) for p in paths])
+
+
+# -- int8 -------------------------------------------------------------------------------------------------------------
+
+# Quantizing only the weight-heavy ops keeps Add / Mul / Softmax / LayerNorm in float32, where int8 costs accuracy
+# (residual sums and attention probabilities) and saves little time.
+INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+def _float_nodes(proto: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str]:
+    """Nodes kept in float32 although their type is quantized: the first one (the stem conv or patch embedding, which
+    reads the image itself) and depthwise / grouped convs. Both hold a small share of the compute, so int8 saves
+    little there, and they cost the most agreement: on the quickstart model, 98.1% top-1 agreement with them in int8,
+    99.3% without (the digits test split)."""
+    names = []
+    for node in proto.graph.node:
+        if node.op_type not in op_types:
+            continue
+        grouped = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+        if not names or grouped:
+            names.append(node.name)
+    return [n for n in names if n]
+
+
+@dataclass
+class QuantizationReport:
+    """An int8 file and its measured cost: top-1 agreement with the float32 file, and accuracy when labels exist."""
+
+    path: Path
+    written: bool
+    size_bytes: int
+    fp32_size_bytes: int
+    calibration_images: int
+    eval_name: str
+    eval_images: int
+    agreement: float
+    min_agreement: float
+    fp32_accuracy: float | None
+    int8_accuracy: float | None
+    seconds: float
+
+    def __str__(self) -> str:
+        acc = ""
+        if self.fp32_accuracy is not None:
+            acc = f"; accuracy fp32 {100 * self.fp32_accuracy:.2f}%, int8 {100 * self.int8_accuracy:.2f}%"
+        verb = "written to" if self.written else "NOT written to"
+        return (
+            f"int8 ONNX {verb} {self.path}: {self.size_bytes / 1e6:.1f} MB "
+            f"({self.size_bytes / self.fp32_size_bytes:.2f} of fp32), calibrated on {self.calibration_images} images "
+            f"in {self.seconds:.1f} s\n"
+            f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): top-1 agreement "
+            f"{100 * self.agreement:.2f}% (minimum {100 * self.min_agreement:.2f}%){acc}"
+        )
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol over a preprocessed batch, fed a few images at a time."""
+
+    def __init__(self, images: Tensor, batch_size: int = 16) -> None:
+        self.batches = [images[i : i + batch_size].numpy() for i in range(0, len(images), batch_size)]
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return {INPUT_NAME: self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def _predict(session: ort.InferenceSession, images: Tensor, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].numpy()})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    ).argmax(1)
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    output: str | os.PathLike,
+    calibration: Tensor,
+    evaluation: Tensor,
+    labels: Tensor | None = None,
+    *,
+    eval_name: str = "the evaluation images",
+    min_agreement: float = 0.99,
+    op_types: tuple[str, ...] = INT8_OP_TYPES,
+) -> QuantizationReport:
+    """Static int8 quantization (QDQ, per-channel int8 weights, uint8 activations calibrated by min-max) of an ONNX
+    file written by `export_onnx`, written only when its top-1 agreement with the float32 file reaches
+    `min_agreement` on `evaluation`. The first quantizable node and grouped convs stay float32 (`_float_nodes`).
+
+    Args:
+        fp32_path: the float32 file, kept as it is.
+        output: the int8 file; replaced atomically, and left untouched when the agreement is too low.
+        calibration: preprocessed images (N, C, H, W), real ones from the training data, to set activation ranges.
+        evaluation: preprocessed images to compare the two files on.
+        labels: the class index of each evaluation image, for accuracies.
+        eval_name: how the report names the evaluation images.
+        min_agreement: the least share of evaluation images on which both files predict the same class.
+        op_types: the ONNX op types to quantize.
+
+    Returns:
+        The report; `written` is False when the agreement was under `min_agreement`.
+
+    Raises:
+        ValueError: `fp32_path` is not a float32 vision_lora export.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    metadata = read_onnx_metadata(fp32_path)
+    if metadata.get("precision") != "float32":
+        raise ValueError(f"{fp32_path} is {metadata.get('precision')}; int8 quantization starts from a float32 export.")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vision_lora_int8_") as tmp:
+        # quantize_static writes a `-inferred.onnx` beside its input: work on a copy in a private folder.
+        source, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        shutil.copyfile(fp32_path, source)
+        float_nodes = _float_nodes(onnx.load(str(source)), op_types)
+        quantize_static(
+            str(source),
+            str(quantized),
+            _CalibrationReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=float_nodes,
+            per_channel=True,
+            # uint8 activations: on AVX2 CPUs without VNNI onnxruntime's int8 x int8 kernels were 1.2-1.4x slower
+            # than uint8 x int8 on the quickstart model; accuracy was the same.
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        settings = {
+            "format": "QDQ",
+            "weights": "int8, per channel",
+            "activations": "uint8, min-max calibration",
+            "op_types": list(op_types),
+            "float_nodes": float_nodes,
+            "calibration_images": len(calibration),
+            "onnxruntime": ort.__version__,
+        }
+        proto = onnx.load(str(quantized))
+        props = {p.key: p.value for p in proto.metadata_props}
+        props.update({"precision": json.dumps("int8"), "quantization": json.dumps(settings)})
+        onnx.helper.set_model_props(proto, props)
+        onnx.save_model(proto, str(quantized))
+        _check_graph(proto)
+
+        fp32_top1 = _predict(ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]), evaluation)
+        int8_top1 = _predict(ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"]), evaluation)
+        agreement = float((fp32_top1 == int8_top1).mean())
+        written = agreement >= min_agreement
+        if written:
+            atomic_write(output, lambda dst: shutil.copyfile(quantized, dst))
+        size = quantized.stat().st_size
+    accuracies = (None, None)
+    if labels is not None:
+        y = labels.numpy()
+        accuracies = (float((fp32_top1 == y).mean()), float((int8_top1 == y).mean()))
+    return QuantizationReport(
+        path=Path(output),
+        written=written,
+        size_bytes=size,
+        fp32_size_bytes=Path(fp32_path).stat().st_size,
+        calibration_images=len(calibration),
+        eval_name=eval_name,
+        eval_images=len(evaluation),
+        agreement=agreement,
+        min_agreement=min_agreement,
+        fp32_accuracy=accuracies[0],
+        int8_accuracy=accuracies[1],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def quantize_trained(
+    trained: TrainedModel,
+    fp32_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    calib_dir: str | os.PathLike | None = None,
+    calib_split: str = "train",
+    calib_images: int = 256,
+    min_agreement: float = 0.99,
+) -> QuantizationReport:
+    """`quantize_int8` with the images of a run: calibration on `calib_dir` or the `calib_split` of the data root,
+    evaluation on its labelled test split (else val; else the calibration images, without accuracies).
+
+    Raises:
+        ValueError: no data root to take images from, or the agreement is under `min_agreement` (the int8 file is
+            then not written; `fp32_path` stays).
+    """
+    root = Path(data_root or trained.data_root) if (data_root or trained.data_root) else None
+    if calib_dir is None:
+        if root is None:
+            raise ValueError("int8 calibration needs real images: give --calib_dir DIR or --data.root of the run.")
+        calib_dir = root / calib_split
+    calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
+    labels, eval_name = None, f"the calibration images of {calib_dir}"
+    evaluation = calibration
+    split = next((root / s for s in ("test", "val") if root is not None and (root / s).is_dir()), None)
+    if split is not None and trained.class_names:
+        paths, targets = labelled_images(split, trained.class_names)
+        evaluation, labels, eval_name = preprocess_files(paths, trained.data_config), torch.tensor(targets), str(split)
+    report = quantize_int8(
+        fp32_path, output, calibration, evaluation, labels, eval_name=eval_name, min_agreement=min_agreement
+    )
+    if not report.written:
+        raise ValueError(
+            f"{report}\nint8 top-1 agreement {100 * report.agreement:.2f}% is under --min_agreement "
+            f"{100 * min_agreement:.2f}%: {output} was not written (the float32 model is {fp32_path})."
+        )
+    return report

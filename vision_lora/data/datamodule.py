@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..preprocess import eval_transform
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -187,17 +188,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
-        """The evaluation transform on RGB images: resize, center crop by `crop_pct`, normalise."""
-        cfg = data_config or self.data_config or self.resolve_data_config()
-        return create_transform(
-            input_size=cfg["input_size"],
-            is_training=False,
-            interpolation=cfg["interpolation"],
-            mean=cfg["mean"],
-            std=cfg["std"],
-            crop_pct=cfg["crop_pct"],
-            crop_mode=cfg.get("crop_mode"),
-        )
+        """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
+        and `vision-lora serve` use too): resize, center crop by `crop_pct`, normalise."""
+        return eval_transform(data_config or self.data_config or self.resolve_data_config())
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
