@@ -68,7 +68,7 @@ def run(tmp_path_factory):
         main(["export", "--ckpt_path", str(best), "--output", "model.onnx"])
         args = ["--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
         main(["predict", "--ckpt_path", str(best), f"--data.predict_dir={formats}", *args])
-    with open(work / "runs/lightning_logs/version_1/predictions.csv", newline="", encoding="utf-8") as f:
+    with open(work / "runs/lightning_logs/version_0/predict/predictions.csv", newline="", encoding="utf-8") as f:
         predicted = {Path(row["path"]).name: row["prediction"] for row in csv.DictReader(f)}
     assert len(predicted) == len(list(formats.iterdir()))
     return {
