@@ -12,7 +12,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
+from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear, QKVLayout
 
 __all__ = [
     "LoRAConfig",
@@ -24,6 +24,7 @@ __all__ = [
     "lora_layers",
     "mark_trainable",
     "merge_lora",
+    "qkv_layout",
     "resolve_targets",
     "trainable_names",
 ]
@@ -93,15 +94,18 @@ class LoRAReportRow:
     out_features: int
     rank: int
     params: int
+    note: str = ""
 
 
 @dataclass
 class LoRAReport:
-    """One row per adapted module plus trainable / total parameter counts of the whole model."""
+    """One row per adapted module plus trainable / total parameter counts of the whole model, and the modules a
+    preset left out because LoRA cannot adapt them (name, reason)."""
 
     rows: list[LoRAReportRow]
     trainable_params: int
     total_params: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def lora_params(self) -> int:
@@ -119,6 +123,8 @@ class LoRAReport:
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
         fmt = "  ".join(f"{{:{'>' if i >= 3 else '<'}{w}}}" for i, w in enumerate(widths))
         table = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines]
+        table += [f"note: {r.name}: {r.note}" for r in self.rows if r.note]
+        table += [f"skipped: {name}: {why}" for name, why in self.skipped]
         table.append(
             f"{len(self.rows)} adapted modules, {self.lora_params:,} LoRA params; trainable {self.trainable_params:,} "
             f"/ {self.total_params:,} ({self.trainable_percent:.2f}%)"
@@ -199,6 +205,101 @@ PRESETS: dict[str, Callable[[nn.Module], list[str]]] = {
     "pointwise": _pointwise_preset,
     "resnet": _resnet_preset,
 }
+
+
+# ------------------------------------------------------------------------------------------------------ qkv layouts
+
+
+def _thirds(attn: nn.Module, proj: nn.Module) -> QKVLayout | None:
+    # forward: qkv.reshape(..., 3, heads, head_dim): [all q | all k | all v]
+    return QKVLayout.thirds(proj.out_features) if proj.out_features % 3 == 0 else None
+
+
+def _per_head_key_val(attn: nn.Module, proj: nn.Module) -> QKVLayout:
+    # forward: qkv.view(B, N, heads, -1).split([key_dim, key_dim, val_dim], dim=3): per head [q | k | v], v wider
+    return QKVLayout(attn.num_heads, attn.key_dim, attn.key_dim, attn.val_dim)
+
+
+def _maxxvit_cl(attn: nn.Module, proj: nn.Module) -> QKVLayout | None:
+    # forward: head_first: view(B, -1, heads, dim_head * 3).chunk(3, dim=3), else reshape(B, -1, 3, heads, dim_head)
+    if attn.head_first:
+        return QKVLayout(attn.num_heads, attn.dim_head, attn.dim_head, attn.dim_head)
+    return _thirds(attn, proj)
+
+
+def _gcvit(attn: nn.Module, proj: nn.Module) -> QKVLayout | None:
+    # use_global: the "qkv" Linear projects k and v only (q comes from the global query): not a qkv layout
+    return None if attn.use_global else _thirds(attn, proj)
+
+
+# Attention class (module.qualname) -> (path of its fused projection inside it, the projection's q/k/v row layout read
+# from the attention's attributes, following how its forward splits the projection). A fused projection of a class
+# not listed here gets one LoRA over the whole projection, and the report says so.
+_QKV_LAYOUTS: dict[str, tuple[str, Callable[[nn.Module, nn.Module], QKVLayout | None]]] = {
+    **{
+        cls: ("qkv", _thirds)
+        for cls in (
+            "timm.layers.attention.Attention",
+            "timm.layers.attention.AttentionRope",
+            "timm.layers.diff_attention.DiffAttention",  # chunk(3, dim=2)
+            "timm.models.beit.Attention",  # also F.linear(x, qkv.weight, q_bias ⊕ k_bias ⊕ v_bias)
+            "timm.models.cait.TalkingHeadAttn",
+            "timm.models.coat.FactorAttnConvRelPosEnc",
+            "timm.models.convit.MHSA",
+            "timm.models.davit.ChannelAttention",
+            "timm.models.davit.ChannelAttentionV2",
+            "timm.models.davit.WindowAttention",
+            "timm.models.edgenext.CrossCovarianceAttn",
+            "timm.models.eva.EvaAttention",
+            "timm.models.fastvit.Attention",
+            "timm.models.hiera.MaskUnitAttention",
+            "timm.models.hieradet_sam2.MultiScaleAttention",
+            "timm.models.metaformer.Attention",
+            "timm.models.mvitv2.MultiScaleAttention",
+            "timm.models.nest.Attention",
+            "timm.models.swin_transformer.WindowAttention",
+            "timm.models.swin_transformer_v2.WindowAttention",
+            "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention",
+            "timm.models.twins.LocallyGroupedAttn",
+            "timm.models.vision_transformer_relpos.RelPosAttention",
+            "timm.models.vision_transformer_sam.Attention",
+            "timm.models.volo.Attention",
+            "timm.models.xcit.XCA",
+        )
+    },
+    "timm.models.gcvit.WindowAttentionGlobal": ("qkv", _gcvit),
+    "timm.models.tiny_vit.Attention": ("qkv", _per_head_key_val),
+    "timm.models.efficientformer.Attention": ("qkv", _per_head_key_val),
+    "timm.models.levit.Attention": ("qkv.linear", _per_head_key_val),
+    "timm.models.maxxvit.AttentionCl": ("qkv", _maxxvit_cl),
+}
+
+
+def _class_key(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def qkv_layout(model: nn.Module, name: str) -> QKVLayout | None:
+    """The q/k/v row layout of the fused attention projection `name` of `model`, or None when `name` is not the fused
+    projection of an attention class whose layout is known (see `_QKV_LAYOUTS`)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        return None
+    parts = name.split(".")
+    for depth in (1, 2):  # the attention module owns `qkv` directly, or through a norm wrapper (`qkv.linear`)
+        if len(parts) <= depth:
+            break
+        owner = ".".join(parts[:-depth])
+        entry = _QKV_LAYOUTS.get(_class_key(model.get_submodule(owner)))
+        if entry is not None and entry[0] == ".".join(parts[-depth:]):
+            layout = entry[1](model.get_submodule(owner), module)
+            return layout if layout is not None and layout.out_features == module.out_features else None
+    return None
+
+
+def _looks_fused(name: str, module: nn.Module) -> bool:
+    """A projection named like a fused qkv (`qkv`, `qkv.linear`, `qkv_proj`, `qkvs.0`) whose layout we may not know."""
+    return any("qkv" in part for part in name.split(".")[-2:])
 
 
 # ---------------------------------------------------------------------------------------------------- target search
@@ -299,12 +400,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def _wrap(name: str, module: nn.Module, config: LoRAConfig) -> LoRALayer:
+def _wrap(model: nn.Module, name: str, config: LoRAConfig) -> LoRALayer:
+    module = model.get_submodule(name)
     args = (module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
     if isinstance(module, nn.Conv2d):
         return LoRAConv2d(*args)
-    if name.split(".")[-1] == "qkv" and module.out_features % 3 == 0:
-        return LoRAQKVLinear(*args, slices=config.qkv_slices)
+    layout = qkv_layout(model, name)
+    if layout is not None:
+        return LoRAQKVLinear(*args, slices=config.qkv_slices, layout=layout)
     return LoRALinear(*args)
 
 
@@ -391,6 +494,9 @@ def _report(model: nn.Module) -> LoRAReport:
                 out_features=w.shape[0],
                 rank=layer.r,
                 params=layer.lora_A.numel() + layer.lora_B.numel(),
+                note=""
+                if isinstance(layer, LoRAQKVLinear) or not _looks_fused(name, layer)
+                else "fused projection whose q/k/v layout is unknown: one LoRA over the whole projection",
             )
         )
     return LoRAReport(
@@ -418,7 +524,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
     layers = {}
     for name in targets:
         try:
-            layers[name] = _wrap(name, model.get_submodule(name), config)
+            layers[name] = _wrap(model, name, config)
         except ValueError as err:
             raise ValueError(f"Cannot adapt '{name}': {err}") from None
     for name, layer in layers.items():

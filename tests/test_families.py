@@ -1,0 +1,181 @@
+"""Every timm family adapts with the default config: q/k/v layouts proved per attention class (fast), and the
+family sweep over every timm model module (slow)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from qkv_probe import attention_inputs, changed
+from torch import nn
+
+from vision_lora import LoRAConfig, apply_lora, load_adapter, read_adapter_config, save_adapter
+from vision_lora.inject import lora_layers, qkv_layout
+from vision_lora.layers import LoRAQKVLinear, QKVLayout
+
+
+def _first_fused_qkv(model: nn.Module) -> str:
+    """The first fused qkv projection with a known layout, a per-head interleaved one where the model has any."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and qkv_layout(model, n) is not None]
+    return next((n for n in names if not qkv_layout(model, n).is_thirds), names[0])
+
+
+def _owner(name: str) -> str:
+    return name[: name.rindex(".qkv")]
+
+
+def _input_for(model: nn.Module) -> torch.Tensor:
+    size = model.pretrained_cfg["input_size"][1:]
+    if getattr(model, "patch_embed", None) is not None and getattr(model.patch_embed, "img_size", None):
+        size = model.patch_embed.img_size
+    return torch.randn(1, 3, *size)
+
+
+def _randomize_B(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.5)
+
+
+def prove_qkv_layout(model: nn.Module, name: str, x: torch.Tensor) -> tuple[set, set]:
+    """Adapt only projection `name`, once on slice "v" and once on "qk", and record what its attention consumes.
+
+    Asserts that the v update leaves every softmax (the attention weights, a function of q and k only) bit-identical,
+    and that no operand of the attention's products (q, kᵀ, attention weights, v) is changed by both updates: the v
+    update reaches only v, the q/k update never v. Returns the changed operand positions of both updates."""
+    model.eval()
+    attn = model.get_submodule(_owner(name))
+    ref_ops, ref_soft = attention_inputs(model, attn, x)
+    assert ref_ops, f"no matmul / sdpa recorded in {type(attn).__name__}"
+    moved = {}
+    for slices in ("v", "qk"):
+        adapted = copy.deepcopy(model)
+        apply_lora(adapted, LoRAConfig(r=2, lora_alpha=2, target_modules=[name], qkv_slices=slices))
+        _randomize_B(adapted)
+        adapted.eval()
+        ops, soft = attention_inputs(adapted, adapted.get_submodule(_owner(name)), x)
+        moved[slices] = changed(ref_ops, ops)
+        if slices == "v":
+            assert all(torch.equal(a, b) for a, b in zip(ref_soft, soft, strict=True)), "a v update moved q or k"
+    assert moved["v"] and moved["qk"], moved
+    assert not moved["v"] & moved["qk"], f"operands moved by both the v and the q/k update: {moved}"
+    return moved["v"], moved["qk"]
+
+
+def _small(name: str, **kwargs):
+    return lambda: timm.create_model(name, num_classes=3, **kwargs)
+
+
+_VIT_SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+_SWIN_SMALL = dict(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+
+# One model per attention class whose layout is in the table and that matters most: the per-head interleaved
+# layouts (the bug of issue 15) and the [q|k|v] families most used. The slow sweep proves every other class.
+LAYOUT_MODELS = {
+    "vit": _small("test_vit"),
+    "beit": _small("beit_base_patch16_224", **_VIT_SMALL),
+    "eva": _small("eva02_tiny_patch14_224", **_VIT_SMALL),
+    "swin": _small("swin_tiny_patch4_window7_224", **_SWIN_SMALL),
+    "swinv2": _small("swinv2_tiny_window8_256", **_SWIN_SMALL),
+    "tiny_vit": _small("tiny_vit_5m_224"),
+    "efficientformer": _small("efficientformer_l1"),
+    "levit": _small("levit_128s"),
+    "maxxvit_rw": _small("maxvit_rmlp_pico_rw_256"),
+}
+
+
+@pytest.mark.parametrize("family", LAYOUT_MODELS)
+def test_v_slice_update_reaches_only_v(family):
+    model = LAYOUT_MODELS[family]()
+    for m in model.modules():  # SwinV2 zero-inits its res-post-norm, which would hide the attention branch
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+    name = _first_fused_qkv(model)
+    if family in ("tiny_vit", "efficientformer", "levit", "maxxvit_rw"):
+        assert not qkv_layout(model, name).is_thirds
+    prove_qkv_layout(model, name, _input_for(model))
+
+
+def test_probe_catches_row_thirds_on_a_per_head_layout():
+    """The pre-fix behaviour (q, k, v as row thirds) on tiny_vit's per-head [q|k|v] fails the probe: the check can
+    see the bug that identity and merge tests cannot."""
+    model = timm.create_model("tiny_vit_5m_224", num_classes=3).eval()
+    name = _first_fused_qkv(model)
+    assert not qkv_layout(model, name).is_thirds
+    x = _input_for(model)
+    attn = model.get_submodule(_owner(name))
+    ref_ops, _ = attention_inputs(model, attn, x)
+    moved = {}
+    for slices in ("v", "qk"):
+        wrong = copy.deepcopy(model)
+        qkv = wrong.get_submodule(name)
+        layer = LoRAQKVLinear(qkv, 2, 2, slices=slices, layout=QKVLayout.thirds(qkv.out_features))
+        nn.init.normal_(layer.lora_B, std=0.5)
+        wrong.get_submodule(_owner(name)).qkv = layer
+        moved[slices] = changed(ref_ops, attention_inputs(wrong, wrong.get_submodule(_owner(name)), x)[0])
+    assert moved["v"] & moved["qk"]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "expected"),
+    [
+        ("tiny_vit_5m_224", QKVLayout(4, 32, 32, 32)),
+        ("efficientformer_l1", QKVLayout(8, 32, 32, 128)),
+        ("levit_128s", QKVLayout(4, 16, 16, 32)),
+        ("test_vit", QKVLayout.thirds(3 * 64)),
+    ],
+)
+def test_qkv_layout_is_read_from_the_attention_attributes(model_name, expected):
+    model = timm.create_model(model_name)
+    assert qkv_layout(model, _first_fused_qkv(model)) == expected
+
+
+def _as_format_1(directory) -> None:
+    """Rewrite an adapter config the way vision_lora wrote it before qkv layouts were recorded."""
+    path = directory / "adapter_config.json"
+    info = json.loads(path.read_text())
+    info["format"] = "vision_lora.adapter/1"
+    del info["qkv_layouts"]
+    path.write_text(json.dumps(info))
+
+
+def test_adapter_records_qkv_layouts_and_old_files_load_where_rows_were_thirds(tmp_path):
+    base = timm.create_model("test_vit", num_classes=3)
+    model = copy.deepcopy(base)
+    apply_lora(model, LoRAConfig())
+    _randomize_B(model)
+    save_adapter(model, tmp_path)
+    info = read_adapter_config(tmp_path)
+    assert info["format"] == "vision_lora.adapter/2"
+    assert info["qkv_layouts"]["blocks.0.attn.qkv"] == {"groups": 1, "q": 64, "k": 64, "v": 64}
+    _as_format_1(tmp_path)
+    loaded = load_adapter(base, tmp_path)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_old_adapter_of_a_per_head_qkv_family_is_refused(tmp_path):
+    model = timm.create_model("tiny_vit_5m_224", num_classes=3)
+    apply_lora(model, LoRAConfig())
+    save_adapter(model, tmp_path)
+    fresh = timm.create_model("tiny_vit_5m_224", num_classes=3)
+    load_adapter(copy.deepcopy(fresh), tmp_path)  # the current format loads
+    _as_format_1(tmp_path)
+    with pytest.raises(ValueError, match=r"older vision_lora .* row thirds.*Retrain"):
+        load_adapter(fresh, tmp_path)
+    assert not lora_layers(fresh)
+
+
+def test_adapter_with_another_recorded_layout_is_refused(tmp_path):
+    model = timm.create_model("tiny_vit_5m_224", num_classes=3)
+    apply_lora(model, LoRAConfig())
+    save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    info = json.loads(path.read_text())
+    info["qkv_layouts"]["stages.1.blocks.0.attn.qkv"]["groups"] = 1
+    path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="another timm version"):
+        load_adapter(timm.create_model("tiny_vit_5m_224", num_classes=3), tmp_path)
