@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,8 +13,8 @@ import torch
 from qkv_probe import attention_inputs, changed
 from torch import nn
 
-from vision_lora import LoRAConfig, apply_lora, load_adapter, read_adapter_config, save_adapter
-from vision_lora.inject import lora_layers, qkv_layout
+from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, save_merged
+from vision_lora.inject import classifier_names, lora_layers, qkv_layout
 from vision_lora.layers import LoRAQKVLinear, QKVLayout
 
 
@@ -179,3 +180,146 @@ def test_adapter_with_another_recorded_layout_is_refused(tmp_path):
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="another timm version"):
         load_adapter(timm.create_model("tiny_vit_5m_224", num_classes=3), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- family sweep
+#
+# tests/families.json (written by tests/make_families.py from timm itself): for every timm model module its smallest
+# model, plus one model per further attention variant. Each runs with random weights, batch 1, its default input size.
+
+_SWEEP = json.loads((Path(__file__).with_name("families.json")).read_text())
+MAX_PARAMS = 300_000_000
+MAX_SIDE = 512
+
+
+def _exclusion(entry: dict) -> str | None:
+    """The fixed rule that keeps the sweep within 15 minutes on 2 CPU cores."""
+    if entry["params"] > MAX_PARAMS:
+        return f"{entry['params'] / 1e6:.0f} M parameters > {MAX_PARAMS / 1e6:.0f} M"
+    if max(entry["input_size"][1:]) > MAX_SIDE:
+        return f"input {entry['input_size'][1]}x{entry['input_size'][2]} > {MAX_SIDE} px"
+    return None
+
+
+# Families LoRAConfig() cannot adapt, with the reason a user reads; the sweep checks that they are refused.
+REFUSED: dict[str, str] = {}
+
+SWEEP = [e for e in _SWEEP["models"] if _exclusion(e) is None]
+EXCLUDED = {e["model"]: _exclusion(e) for e in _SWEEP["models"] if _exclusion(e) is not None}
+
+
+@torch.no_grad()
+def _nonzero(model: nn.Module) -> nn.Module:
+    """Random init stands in for pretrained weights, but zero-initialised residual branches (the last BatchNorm of
+    tiny_vit's MBConv and ResNet blocks, SwinV2 post-norms) would cut their adapters off from the gradient: make every
+    all-zero weight non-zero (norm scales 1, others small noise)."""
+    for n, p in model.named_parameters():
+        if not n.endswith("bias") and p.numel() and not p.any():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(std=0.02)
+    return model
+
+
+def _loss(out) -> torch.Tensor:
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return sum(nn.functional.cross_entropy(o.float(), torch.zeros(o.shape[0], dtype=torch.long)) for o in outs)
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def test_sweep_covers_every_timm_module_and_lists_exclusions():
+    assert _SWEEP["timm"] == timm.__version__, "timm changed: rerun tests/make_families.py"
+    assert {e["module"] for e in _SWEEP["models"]} | {m for m in REFUSED} >= set(timm.list_modules()) - {
+        m for m in timm.list_modules() if not timm.list_models(module=m)
+    }
+    for name, why in EXCLUDED.items():
+        assert why, name
+
+
+@pytest.fixture
+def one_thread():
+    """Batch-1 models on a shared 2-core machine run 2-4x faster on one thread than on two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", SWEEP, ids=[f"{e['module']}:{e['model']}" for e in SWEEP])
+def test_family_adapts_with_the_default(entry, tmp_path, one_thread):
+    name = entry["model"]
+    torch.manual_seed(0)
+    model = _nonzero(timm.create_model(name, pretrained=False, num_classes=5).eval())
+    x = torch.randn(1, *entry["input_size"])
+    if entry["module"] in REFUSED:
+        with pytest.raises(ValueError):
+            apply_lora(model, LoRAConfig())
+        return
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        before = _first(model(x))
+    report = apply_lora(model, LoRAConfig())
+    layers = lora_layers(model)
+    model.eval()
+    with torch.no_grad():  # identity at init: B = 0
+        torch.testing.assert_close(_first(model(x)), before, rtol=0, atol=0)
+
+    # Exactly the LoRA tensors and the classifier head train.
+    heads = classifier_names(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    head = {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads)}
+    assert lora and trainable == lora | head
+
+    # Every LoRA tensor moves within two optimizer steps (B in the first; A once B is non-zero).
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in lora}
+    # eps tiny: at random init a saturated softmax leaves gradients near 1e-18, which must still move the tensor
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-30)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+    still = [n for n, p in model.named_parameters() if n in lora and torch.equal(p, start[n])]
+    assert not still, f"{len(still)} LoRA tensors did not move, e.g. {still[:3]}"
+
+    # Every stage (timm feature_info) that has an adaptable layer holds an adapter.
+    stages = [f["module"] for f in getattr(model, "feature_info", []) if "stem" not in f["module"]]
+    for stage in stages:
+        inside = [n for n in layers if n.startswith(stage + ".") or n == stage]
+        candidates = [
+            n for n, m in model.named_modules() if n.startswith(stage + ".") and type(m) in (nn.Linear, nn.Conv2d)
+        ]
+        assert inside or not candidates or _only_unadaptable(model, candidates, report), f"stage {stage} not adapted"
+
+    # q/k/v slices land on q/k/v: proved on the first fused projection of each attention class.
+    first_of_class = {}
+    for n, m in layers.items():
+        if isinstance(m, LoRAQKVLinear):
+            first_of_class.setdefault(type(model.get_submodule(_owner(n))), n)
+    for n in first_of_class.values():
+        prove_qkv_layout(base, n, x)
+
+    # merged == unmerged, and the merged file loads in plain timm.
+    model.eval()
+    for layer in layers.values():
+        layer.lora_B.data.normal_(std=0.02)  # a visible update, the trained one is tiny
+    with torch.no_grad():
+        unmerged = _first(model(x))
+        path = save_merged(model, tmp_path / "merged.safetensors")
+        merged = _first(merge_lora(model)(x))
+        plain = timm.create_model(name, pretrained=False, num_classes=5, checkpoint_path=str(path)).eval()
+        reloaded = _first(plain(x))
+    scale = unmerged.abs().max().clamp_min(1e-6)
+    assert (merged - unmerged).abs().max() / scale < 1e-4
+    assert (reloaded - merged).abs().max() / scale < 1e-5
+
+
+def _only_unadaptable(model: nn.Module, names: list[str], report) -> bool:
+    skipped = {n for n, _ in report.skipped}
+    return all(
+        n in skipped or (isinstance(model.get_submodule(n), nn.Conv2d) and model.get_submodule(n).groups > 1)
+        for n in names
+    )

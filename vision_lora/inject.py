@@ -189,29 +189,10 @@ _FAMILY_OF_CLASS = {
 
 
 # Names an attention module gives its input projections, and the class names of attention modules.
-_PROJ_NAMES = {
-    "qkv",
-    "q",
-    "k",
-    "v",
-    "kv",
-    "qk",
-    "qkvs",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "qkv_proj",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_qkv",
-    "to_query",
-    "to_key",
-    "to_value",
-    "query",
-    "key",
-    "value",
-}
+_PROJ_NAMES = frozenset(
+    "qkv q k v kv qk qkvs q_proj k_proj v_proj qkv_proj to_q to_k to_v to_qkv query key value to_query to_key "
+    "to_value".split()
+)
 _ATTENTION_CLASS = re.compile(r"Attn|Attention|MHSA|XCA|GPSA|MLA|LambdaLayer", re.IGNORECASE)
 # Channel gates inside a block (squeeze-excite and relatives): tiny bottlenecks, not the block's channel mixing.
 _GATE_CLASS = re.compile(
