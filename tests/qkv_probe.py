@@ -21,14 +21,27 @@ _SOFTMAX = {torch.softmax, torch.Tensor.softmax, F.softmax}
 
 
 class _Recorder(TorchFunctionMode):
-    """Records, while `on`, the tensor operands of every matmul-like call (q·kᵀ, attn·v, sdpa(q, k, v)) and every
-    softmax output, in call order."""
+    """Records, while `on`, the tensor operands of every matmul-like call (q·kᵀ, attn·v, sdpa(q, k, v)) in call order,
+    and which of them are derived ones: a softmax output or an earlier product (or a view of one), as opposed to
+    tensors taken from the projection (q, k, v themselves, scaled, normalised or reshaped)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.on = False
         self.operands: list[list[Tensor]] = []
-        self.softmax: list[Tensor] = []
+        self.derived: set[tuple[int, int]] = set()
+        self._outputs: list[Tensor] = []  # kept alive so that identity checks stay valid
+
+    def _is_derived(self, t: Tensor) -> bool:
+        base = t._base if t._base is not None else t
+        for out in self._outputs:
+            if t is out or base is out or base is out._base and out._base is not None:
+                return True
+            if t.shape == out.shape and torch.equal(t, out):
+                return True
+            if t.dim() >= 2 and t.shape == out.transpose(-2, -1).shape and torch.equal(t, out.transpose(-2, -1)):
+                return True
+        return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -37,9 +50,11 @@ class _Recorder(TorchFunctionMode):
                 flat = [a for a in args if isinstance(a, Tensor)]
                 if func is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
                     flat += [a for a in args[1] if isinstance(a, Tensor)]
+                i = len(self.operands)
+                self.derived |= {(i, j) for j, t in enumerate(flat) if self._is_derived(t)}
                 self.operands.append([t.detach().clone() for t in flat])
-            elif func in _SOFTMAX:
-                self.softmax.append(out.detach().clone())
+            if (func in _PRODUCTS or func in _SOFTMAX) and isinstance(out, Tensor):
+                self._outputs.append(out)
         return out
 
 
@@ -47,9 +62,9 @@ class _Stop(Exception):
     pass
 
 
-def attention_inputs(model: nn.Module, attn: nn.Module, x: Tensor) -> tuple[list[list[Tensor]], list[Tensor]]:
-    """Run `model(x)` up to the end of `attn`'s first forward and return the operands of the matmul-like calls and
-    the softmax outputs made inside it."""
+def attention_inputs(model: nn.Module, attn: nn.Module, x: Tensor) -> tuple[list[list[Tensor]], set[tuple[int, int]]]:
+    """Run `model(x)` up to the end of `attn`'s first forward and return the operands of the matmul-like calls made
+    inside it, and the (call, operand) positions of derived operands (attention weights, earlier products)."""
     rec = _Recorder()
 
     def pre(*_):
@@ -68,7 +83,7 @@ def attention_inputs(model: nn.Module, attn: nn.Module, x: Tensor) -> tuple[list
     finally:
         for h in handles:
             h.remove()
-    return rec.operands, rec.softmax
+    return rec.operands, rec.derived
 
 
 def changed(a: list[list[Tensor]], b: list[list[Tensor]]) -> set[tuple[int, int]]:

@@ -43,12 +43,13 @@ def _randomize_B(model: nn.Module) -> None:
 def prove_qkv_layout(model: nn.Module, name: str, x: torch.Tensor) -> tuple[set, set]:
     """Adapt only projection `name`, once on slice "v" and once on "qk", and record what its attention consumes.
 
-    Asserts that the v update leaves every softmax (the attention weights, a function of q and k only) bit-identical,
-    and that no operand of the attention's products (q, kᵀ, attention weights, v) is changed by both updates: the v
-    update reaches only v, the q/k update never v. Returns the changed operand positions of both updates."""
+    The operands the attention takes from the projection (q, kᵀ, v as they enter its products or sdpa; attention
+    weights and earlier products left aside, they mix q, k and v by design) must be moved by exactly one of the two
+    updates: the v update never reaches q or k (bit-identical), the q/k update never reaches v. Returns the moved
+    operand positions of both updates."""
     model.eval()
     attn = model.get_submodule(_owner(name))
-    ref_ops, ref_soft = attention_inputs(model, attn, x)
+    ref_ops, derived = attention_inputs(model, attn, x)
     assert ref_ops, f"no matmul / sdpa recorded in {type(attn).__name__}"
     moved = {}
     for slices in ("v", "qk"):
@@ -56,10 +57,8 @@ def prove_qkv_layout(model: nn.Module, name: str, x: torch.Tensor) -> tuple[set,
         apply_lora(adapted, LoRAConfig(r=2, lora_alpha=2, target_modules=[name], qkv_slices=slices))
         _randomize_B(adapted)
         adapted.eval()
-        ops, soft = attention_inputs(adapted, adapted.get_submodule(_owner(name)), x)
-        moved[slices] = changed(ref_ops, ops)
-        if slices == "v":
-            assert all(torch.equal(a, b) for a, b in zip(ref_soft, soft, strict=True)), "a v update moved q or k"
+        ops, _ = attention_inputs(adapted, adapted.get_submodule(_owner(name)), x)
+        moved[slices] = changed(ref_ops, ops) - derived
     assert moved["v"] and moved["qk"], moved
     assert not moved["v"] & moved["qk"], f"operands moved by both the v and the q/k update: {moved}"
     return moved["v"], moved["qk"]
@@ -115,7 +114,8 @@ def test_probe_catches_row_thirds_on_a_per_head_layout():
         layer = LoRAQKVLinear(qkv, 2, 2, slices=slices, layout=QKVLayout.thirds(qkv.out_features))
         nn.init.normal_(layer.lora_B, std=0.5)
         wrong.get_submodule(_owner(name)).qkv = layer
-        moved[slices] = changed(ref_ops, attention_inputs(wrong, wrong.get_submodule(_owner(name)), x)[0])
+        ops, derived = attention_inputs(wrong, wrong.get_submodule(_owner(name)), x)
+        moved[slices] = changed(ref_ops, ops) - derived
     assert moved["v"] & moved["qk"]
 
 
@@ -212,16 +212,24 @@ EXCLUDED = {e["model"]: _exclusion(e) for e in _SWEEP["models"] if _exclusion(e)
 def _nonzero(model: nn.Module) -> nn.Module:
     """Random init stands in for pretrained weights, but zero-initialised residual branches (the last BatchNorm of
     tiny_vit's MBConv and ResNet blocks, SwinV2 post-norms) would cut their adapters off from the gradient: make every
-    all-zero weight non-zero (norm scales 1, others small noise)."""
+    all-zero weight non-zero (norm scales 1, others small noise), and turn stochastic depth off."""
     for n, p in model.named_parameters():
         if not n.endswith("bias") and p.numel() and not p.any():
             p.fill_(1.0) if p.dim() == 1 else p.normal_(std=0.02)
+        elif p.dim() == 1 and p.numel() and p.abs().max() < 1e-3 and "bias" not in n:  # layer scale 1e-5: gradients
+            p.fill_(1.0)  # through tens of such blocks underflow to exactly 0
+    for m in model.modules():  # stochastic depth / dropout would cut a block off for a whole step
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     return model
 
 
 def _loss(out) -> torch.Tensor:
+    # Linear in the logits: its gradient never vanishes (a cross-entropy saturates after one step with the head).
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return sum(nn.functional.cross_entropy(o.float(), torch.zeros(o.shape[0], dtype=torch.long)) for o in outs)
+    return sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
 
 
 def _first(out) -> torch.Tensor:
@@ -273,15 +281,20 @@ def test_family_adapts_with_the_default(entry, tmp_path, one_thread):
     head = {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads)}
     assert lora and trainable == lora | head
 
-    # Every LoRA tensor moves within two optimizer steps (B in the first; A once B is non-zero).
+    # Every LoRA tensor moves within two optimizer steps (B in the first; A once B is non-zero). The step is sign-SGD
+    # (Adam's first step): at random init a saturated softmax leaves gradients near 1e-20, which must still count,
+    # and whose squares would underflow Adam's second moment.
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in lora}
-    # eps tiny: at random init a saturated softmax leaves gradients near 1e-18, which must still move the tensor
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-30)
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(2):
-        opt.zero_grad()
+        for p in params:
+            p.grad = None
         _loss(model(x)).backward()
-        opt.step()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.sub_(p.grad.sign(), alpha=1e-3)
     still = [n for n, p in model.named_parameters() if n in lora and torch.equal(p, start[n])]
     assert not still, f"{len(still)} LoRA tensors did not move, e.g. {still[:3]}"
 
@@ -289,8 +302,11 @@ def test_family_adapts_with_the_default(entry, tmp_path, one_thread):
     stages = [f["module"] for f in getattr(model, "feature_info", []) if "stem" not in f["module"]]
     for stage in stages:
         inside = [n for n in layers if n.startswith(stage + ".") or n == stage]
-        candidates = [
-            n for n, m in model.named_modules() if n.startswith(stage + ".") and type(m) in (nn.Linear, nn.Conv2d)
+        candidates = [  # channel-mixing layers; a stage of k×k convs only is a stem
+            n
+            for n, m in model.named_modules()
+            if n.startswith(stage + ".")
+            and (type(m) is nn.Linear or (type(m) is nn.Conv2d and m.kernel_size == (1, 1)))
         ]
         assert inside or not candidates or _only_unadaptable(model, candidates, report), f"stage {stage} not adapted"
 
@@ -308,7 +324,7 @@ def test_family_adapts_with_the_default(entry, tmp_path, one_thread):
         layer.lora_B.data.normal_(std=0.02)  # a visible update, the trained one is tiny
     with torch.no_grad():
         unmerged = _first(model(x))
-        path = save_merged(model, tmp_path / "merged.safetensors")
+        path = save_merged(model, tmp_path / "merged.pth")  # .pth: safetensors refuses coat's shared cpe weights
         merged = _first(merge_lora(model)(x))
         plain = timm.create_model(name, pretrained=False, num_classes=5, checkpoint_path=str(path)).eval()
         reloaded = _first(plain(x))

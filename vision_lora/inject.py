@@ -141,8 +141,8 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
 
 
 def _attention_preset(model: nn.Module) -> list[str]:
-    """Every fused attention qkv Linear (ViT, DeiT, BEiT, EVA, Swin)."""
-    return [n for n, m in model.named_modules() if n.split(".")[-1] == "qkv" and isinstance(m, nn.Linear)]
+    """Every attention input projection: the fused qkv (ViT, DeiT, BEiT, Swin) or separate q / k / v (EVA-02)."""
+    return list(_attention_projections(model))
 
 
 def _convnext_preset(model: nn.Module) -> list[str]:
@@ -196,8 +196,9 @@ _PROJ_NAMES = frozenset(
 _ATTENTION_CLASS = re.compile(r"Attn|Attention|MHSA|XCA|GPSA|MLA|LambdaLayer", re.IGNORECASE)
 # Channel gates inside a block (squeeze-excite and relatives): tiny bottlenecks, not the block's channel mixing.
 _GATE_CLASS = re.compile(
-    r"^SE|SqueezeExcite|Excite|EcaModule|CecaModule|Gate|Cbam|ChannelAttn|SpatialAttn|SelectiveKernel|SplitAttn|"
-    r"CoordAttn|GlobalContext|SqueezeExcitation"
+    r"^(SEModule|SqueezeExcite|EffectiveSEModule|SEBlock|SqueezeExcitation|EcaModule|CecaModule|CbamModule|"
+    r"LightCbamModule|ChannelAttn|LightChannelAttn|SpatialAttn|SelectiveKernelAttn|SplitAttn|CoordAttn|"
+    r"GlobalContext|GatherExcite|NonLocalAttn|BatNonLocalAttn)$"
 )
 
 
@@ -251,7 +252,8 @@ def _structural_preset(model: nn.Module) -> list[str]:
     Each block (a unit of a stage list) that holds attention contributes the attention's input projections; a block
     without attention contributes its channel-mixing layers (Linears and 1×1 convs, squeeze-excite gates left out),
     or, when it has none, its dense k×k convs (ResNet basic blocks). Layers outside any block contribute Linears and
-    1×1 convs. Never the classifier head (removed by the caller) nor a conv reading the input image (the stem).
+    1×1 convs. Squeeze-excite gates only when nothing else is a plain Linear / conv (NFNet's convs are weight-
+    standardised). Never the classifier head nor a conv reading the input image (the stem).
     """
     modules = dict(model.named_modules())
     attention = _attention_projections(model)
@@ -259,13 +261,18 @@ def _structural_preset(model: nn.Module) -> list[str]:
     # An attention block: the module holding an attention module (its MLP and norms are that block's too).
     attn_blocks = {o.rpartition(".")[0] or o for o in attention.values()}
     in_chans = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0]
+    heads = classifier_names(model)
     by_block: dict[str, list[str]] = {}
     kxk: dict[str, list[str]] = {}
+    gates: list[str] = []
     for name, m in modules.items():
-        if not isinstance(m, _SUPPORTED) or name in attention:
+        if type(m) not in _SUPPORTED or name in attention:  # subclasses (weight-standardised convs) change the math
+            continue
+        if any(name == h or name.startswith(h + ".") for h in heads):
             continue
         parent = name.rpartition(".")[0]
         if any(_GATE_CLASS.search(type(modules[a]).__name__) for a in (parent, parent.rpartition(".")[0])):
+            gates.append(name)
             continue
         block = _block_of(name, blocks)
         if any(name.startswith(a + ".") for a in attn_blocks):
@@ -282,6 +289,8 @@ def _structural_preset(model: nn.Module) -> list[str]:
     for block, names in kxk.items():
         if not any(not shortcut.search(n[len(block) :]) for n in by_block.get(block, [])):
             picked.update(names)  # a block whose only 1×1 conv is its shortcut: its k×k convs mix channels
+    if not picked:  # only the gates are plain layers (NFNet's weight-standardised convs): adapt those
+        picked.update(gates)
     return [n for n in modules if n in picked]
 
 
@@ -315,7 +324,7 @@ PRESETS: dict[str, Callable[[nn.Module], list[str]]] = {
     "auto": _auto_preset,
     "vit": _attention_preset,
     "swin": _attention_preset,
-    "attention": lambda model: list(_attention_projections(model)),
+    "attention": _attention_preset,
     "structure": _structural_preset,
     "convnext": _convnext_preset,
     "efficientnet": _pointwise_preset,

@@ -127,6 +127,13 @@ class _SlicedLoRALinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
 
 
+def _sliced(x: Tensor, base: nn.Linear, a: Tensor, b: Tensor, scaling: float, groups: int, spans: tuple) -> Tensor:
+    # The Function sees 2-D tensors so that its output is not a view: a view made inside a custom Function may not be
+    # modified in place (naflexvit adds its position embedding in place), a view of its output may.
+    y = _SlicedLoRALinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, groups, spans)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
 class LoRALayer(nn.Module):
     """Common state of a LoRA-wrapped layer: the frozen `base_layer`, rank, scaling, dropout and the merged flag.
 
@@ -305,7 +312,7 @@ class LoRALinear(LoRALayer):
         if isinstance(self.lora_dropout, nn.Identity):
             base = self.base_layer
             a, b, spans = self.lora_A[None], self.lora_B[None], ((0, base.out_features),)
-            return _SlicedLoRALinear.apply(x, base.weight, base.bias, a, b, self.scaling, 1, spans)
+            return _sliced(x, base, a, b, self.scaling, 1, spans)
         out = self.base_layer(x)  # (..., out)
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         # out + s · h @ Bᵀ as one fused GEMM.
@@ -384,9 +391,7 @@ class LoRAQKVLinear(LoRALayer):
         if isinstance(self.lora_dropout, nn.Identity):
             spans = tuple(self.layout.span(c) for c in self.slices)
             base = self.base_layer
-            return _SlicedLoRALinear.apply(
-                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, self.layout.groups, spans
-            )
+            return _sliced(x, base, self.lora_A, self.lora_B, self.scaling, self.layout.groups, spans)
         out = self.base_layer(x)  # (..., out)
         b, a = self._factors()
         h = F.linear(self.lora_dropout(x), a)  # (..., S·r)
