@@ -367,6 +367,8 @@ _QKV_LAYOUTS: dict[str, tuple[str, Callable[[nn.Module, nn.Module], QKVLayout | 
         for cls in (
             "timm.layers.attention.Attention",
             "timm.layers.attention.AttentionRope",
+            "timm.layers.attention_pool2d.AttentionPool2d",
+            "timm.layers.attention_pool2d.RotAttentionPool2d",
             "timm.layers.diff_attention.DiffAttention",  # chunk(3, dim=2)
             "timm.models.beit.Attention",  # also F.linear(x, qkv.weight, q_bias ⊕ k_bias ⊕ v_bias)
             "timm.models.cait.TalkingHeadAttn",
