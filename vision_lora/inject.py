@@ -425,9 +425,15 @@ def qkv_layout(model: nn.Module, name: str) -> QKVLayout | None:
     return None
 
 
-def _looks_fused(name: str, module: nn.Module) -> bool:
-    """A projection named like a fused qkv (`qkv`, `qkv.linear`, `qkv_proj`, `qkvs.0`) whose layout we may not know."""
-    return any("qkv" in part for part in name.split(".")[-2:])
+def _fused_note(name: str) -> str:
+    """The report note for a projection named like a fused qkv / qk / kv (`qkv`, `qkv.linear`, `qkv_proj`, `qkvs.0`,
+    `kv`) that is adapted as a whole, or ""."""
+    parts = name.split(".")[-3:]
+    if any("qkv" in part for part in parts):
+        return "fused projection whose q/k/v layout is unknown: one LoRA over the whole projection"
+    if any(part in ("qk", "kv") for part in parts):
+        return "fused two-part projection (qk / kv): one LoRA over both parts"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------- target search
@@ -647,9 +653,7 @@ def _report(model: nn.Module) -> LoRAReport:
                 out_features=w.shape[0],
                 rank=layer.r,
                 params=layer.lora_A.numel() + layer.lora_B.numel(),
-                note=""
-                if isinstance(layer, LoRAQKVLinear) or not _looks_fused(name, layer)
-                else "fused projection whose q/k/v layout is unknown: one LoRA over the whole projection",
+                note="" if isinstance(layer, LoRAQKVLinear) else _fused_note(name),
             )
         )
     return LoRAReport(
