@@ -293,3 +293,66 @@ def test_lora_parameters_are_named_lora():
         if isinstance(module, LoRALayer):
             own = [n for n, _ in module.named_parameters() if not n.startswith("base_layer.")]
             assert own and all(n.startswith("lora_") for n in own), name
+
+
+# Families nobody wrote a preset for: what the structure-based default must pick (a sample) and never pick.
+STRUCTURE = {
+    "pvt_v2_b0": (["stages.0.blocks.0.attn.q", "stages.0.blocks.0.attn.kv"], ["stages.0.blocks.0.mlp.fc1", "head"]),
+    "levit_128s": (
+        ["stages.0.blocks.0.attn.qkv.linear", "stages.1.downsample.attn_downsample.kv.linear"],
+        ["stages.0.blocks.0.attn.proj.ln.linear", "stem.conv1.linear", "head.linear", "head_dist.linear"],
+    ),
+    "mixer_s16_224": (["blocks.0.mlp_tokens.fc1", "blocks.7.mlp_channels.fc2"], ["stem.proj", "head"]),
+    "resmlp_12_224": (["blocks.0.linear_tokens", "blocks.0.mlp_channels.fc1"], ["stem.proj", "head"]),
+    "efficientformer_l1": (
+        ["stages.0.blocks.0.mlp.fc1", "stages.3.blocks.0.mlp.fc2", "stages.3.blocks.4.token_mixer.qkv"],
+        ["stem.conv1", "stages.3.blocks.4.mlp.fc1", "head", "head_dist"],
+    ),
+    "resnetv2_18": (["stages.0.blocks.0.conv1", "stages.3.blocks.1.conv2"], ["stem.conv", "head.fc"]),
+}
+
+
+@pytest.mark.parametrize("name", STRUCTURE)
+def test_default_adapts_families_without_a_named_preset(name):
+    model = timm.create_model(name, num_classes=3)
+    report = apply_lora(model, LoRAConfig())
+    adapted = {row.name for row in report.rows}
+    must, never = STRUCTURE[name]
+    assert set(must) <= adapted, set(must) - adapted
+    assert not adapted & set(never)
+    stages = [f["module"] for f in model.feature_info if f["module"].startswith(("stages.", "blocks."))]
+    assert all(any(n.startswith(stage + ".") for n in adapted) for stage in stages), "a stage without an adapter"
+
+
+@pytest.mark.parametrize("name", ["fastvit_t8", "mobileone_s0"])
+def test_preset_skips_layers_that_cannot_take_the_rank_and_lists_them(name):
+    model = timm.create_model(name, num_classes=3)
+    report = apply_lora(model, LoRAConfig(r=8))
+    skipped = dict(report.skipped)
+    stem = next(n for n in skipped if n.startswith("stem"))
+    assert "input image" in skipped[stem] and "skipped: " + stem in str(report)
+    assert any("grouped/depthwise" in why for why in skipped.values())
+    assert not {row.name for row in report.rows} & set(skipped)
+    for explicit in ([stem], ["preset:auto", stem]):  # a name given explicitly is never skipped
+        with pytest.raises(ValueError, match="rank r=8 exceeds"):
+            apply_lora(timm.create_model(name, num_classes=3), LoRAConfig(r=8, target_modules=explicit))
+
+
+def test_fused_projection_of_unknown_layout_gets_one_lora_and_a_note():
+    model = timm.create_model("coatnet_nano_rw_224", num_classes=3)  # maxxvit Attention2d: a 1×1 conv qkv
+    report = apply_lora(model, LoRAConfig())
+    rows = {row.name: row for row in report.rows}
+    assert rows["stages.3.blocks.0.attn.qkv"].kind == "conv1x1"
+    assert "layout is unknown" in rows["stages.3.blocks.0.attn.qkv"].note and "note: stages.3" in str(report)
+
+
+def test_describe_targets_lists_the_preset_before_training(capsys):
+    from vision_lora.inject import describe_targets, main
+
+    text = describe_targets("levit_128s")
+    assert "stages.0.blocks.0.attn.qkv.linear" in text and "4x[q16|k16|v32]" in text and "head.linear" in text
+    main(["pvt_v2_b0", "--r", "4"])
+    assert "stages.0.blocks.0.attn.kv" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["test_vit", "--target_modules", "nope"])
+    assert "matches no module" in capsys.readouterr().err

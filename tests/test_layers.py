@@ -6,6 +6,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from vision_lora import LoRAConv2d, LoRALinear, LoRAQKVLinear
+from vision_lora.layers import QKVLayout
 
 
 def _randomize(layer):
@@ -76,6 +77,40 @@ def test_qkv_updates_only_selected_slices(slices):
     torch.testing.assert_close(layer(x), base(x) + x @ delta.T)
     layer.eval()
     torch.testing.assert_close(layer(x), base(x) + x @ delta.T)
+
+
+@pytest.mark.parametrize("slices", ["q", "k", "v", "qv", "kv", "qkv"])
+def test_per_head_layout_updates_exactly_the_rows_of_the_selected_slices(slices):
+    """tiny_vit-like per-head [q|k|v] groups with v wider than q and k: the update lands on exactly the rows the
+    layout names, and each slice's block is its own B_i A_i."""
+    layout = QKVLayout(groups=4, q=3, k=3, v=5)
+    width = 3 + 3 + 5
+    layer = _randomize(LoRAQKVLinear(nn.Linear(16, 4 * width), r=2, lora_alpha=4, slices=slices, layout=layout))
+    delta = layer.delta_weight()
+    for part, (off, size) in (("q", (0, 3)), ("k", (3, 3)), ("v", (6, 5))):
+        rows = torch.cat([torch.arange(g * width + off, g * width + off + size) for g in range(4)])
+        if part in slices:
+            assert (delta[rows].abs().sum(1) > 0).all(), part
+        else:
+            assert torch.equal(delta[rows], torch.zeros_like(delta[rows])), part
+    x = torch.randn(2, 7, 16)
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T)
+    assert layer.kind.endswith("4x[q3|k3|v5]")
+
+
+def test_qkv_layout_that_does_not_cover_the_linear_is_refused():
+    with pytest.raises(ValueError, match="covers 40 rows"):
+        LoRAQKVLinear(nn.Linear(8, 44), 2, 2, layout=QKVLayout(4, 3, 3, 4))
+
+
+def test_standard_qkv_keeps_its_state_dict_shapes():
+    """Adapters saved before layouts existed hold lora_A (S, r, in) and lora_B (S, dim, r): the thirds layout keeps
+    exactly these keys and shapes."""
+    layer = LoRAQKVLinear(nn.Linear(12, 36), r=2, lora_alpha=2, slices="qv")
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items() if "lora_" in k}
+    assert shapes == {"lora_A": (2, 2, 12), "lora_B": (2, 12, 2)}
 
 
 def test_qkv_slices_have_their_own_factors():
@@ -206,8 +241,11 @@ def test_wrapper_exposes_base_attributes():
         lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qv"),
         lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="k"),
         lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qkv"),
+        lambda: LoRAQKVLinear(nn.Linear(12, 44), 2, 6, slices="qv", layout=QKVLayout(4, 3, 3, 5)),
+        lambda: LoRAQKVLinear(nn.Linear(12, 44), 2, 6, slices="qkv", layout=QKVLayout(4, 3, 3, 5)),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 2, 6, slices="v", layout=QKVLayout(3, 4, 4, 4)),
     ],
-    ids=["linear", "qkv-qv", "qkv-k", "qkv-all"],
+    ids=["linear", "qkv-qv", "qkv-k", "qkv-all", "per-head-qv", "per-head-all", "per-head-v"],
 )
 def test_fused_training_path_has_the_gradients_of_the_plain_formula(make):
     """The training forward folds the update into one GEMM with a hand-written backward; its output and gradients

@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .inject import LoRAConfig, apply_lora, lora_layers, trainable_names
+from .inject import LoRAConfig, apply_lora, lora_layers, qkv_layout, trainable_names
+from .layers import LoRAQKVLinear
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -30,7 +32,9 @@ __all__ = [
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_FORMAT = "vision_lora.adapter/1"
+# 2: records `qkv_layouts`, the q/k/v rows of each fused projection. 1 (read, checked): q, k, v were row thirds.
+_FORMAT = "vision_lora.adapter/2"
+_FORMAT_V1 = "vision_lora.adapter/1"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -130,6 +134,7 @@ def save_adapter(
         "class_names": list(class_names) if class_names is not None else None,
         "lora_config": config.to_dict(),
         "adapted_modules": list(layers),
+        "qkv_layouts": {n: asdict(m.layout) for n, m in layers.items() if isinstance(m, LoRAQKVLinear)},
         "merged": any(layer.merged for layer in layers.values()),
         "versions": package_versions(),
         **(metadata or {}),
@@ -155,7 +160,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found; is {directory} an adapter directory?")
     info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if not isinstance(info, dict) or info.get("format") != _FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in (_FORMAT, _FORMAT_V1):
         raise ValueError(f"{directory / ADAPTER_CONFIG} is not a vision_lora adapter config.")
     return info
 
@@ -177,6 +182,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"The adapter in {directory} has a {info['num_classes']}-class head but the model has {num_classes}; "
             f"create the model with num_classes={info['num_classes']}."
         )
+    _check_qkv_layouts(model, info, directory)
     config = LoRAConfig(**{**info["lora_config"], "target_modules": info["adapted_modules"], "exclude_modules": []})
     state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     apply_lora(model, config)
@@ -190,6 +196,36 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _check_qkv_layouts(model: nn.Module, info: dict, directory: str | os.PathLike) -> None:
+    """Refuse an adapter whose fused-qkv updates would land on other rows than the ones it was trained on.
+
+    Format 1 files took the q, k, v slices of every Linear named `qkv` with 3·d outputs as row thirds; that is right
+    only where the attention lays its projection out as [all q | all k | all v].
+    """
+    modules = dict(model.named_modules())
+    recorded = info.get("qkv_layouts", {})
+    for name in info["adapted_modules"]:
+        module = modules.get(name)
+        if module is None:
+            continue  # reported by apply_lora as "matches no module"
+        layout = qkv_layout(model, name)
+        now = asdict(layout) if layout is not None else None
+        if info["format"] == _FORMAT_V1:
+            was_thirds = name.split(".")[-1] == "qkv" and isinstance(module, nn.Linear) and module.out_features % 3 == 0
+            if was_thirds and (layout is None or not layout.is_thirds):
+                raise ValueError(
+                    f"The adapter in {directory} was saved by an older vision_lora ({_FORMAT_V1}) that took the q, k "
+                    f"and v rows of '{name}' as row thirds, but {type(modules[name.rpartition('.')[0]]).__name__} "
+                    f"lays them out as {layout or 'an unknown layout'}: its updates would land on the wrong rows. "
+                    f"Retrain the adapter with this version."
+                )
+        elif recorded.get(name) != now:
+            raise ValueError(
+                f"The adapter in {directory} adapts '{name}' with q/k/v layout {recorded.get(name)}, but this model's "
+                f"'{name}' has layout {now}; it was trained on another timm version or model definition."
+            )
 
 
 def build_from_adapter(directory: str | os.PathLike) -> nn.Module:

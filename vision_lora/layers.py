@@ -8,6 +8,7 @@ eval-mode folded weight and the rank all follow.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,51 @@ from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "lora_scaling"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "QKVLayout", "lora_scaling"]
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Where q, k and v sit in the output rows of a fused projection: `groups` consecutive groups of [q | k | v],
+    q, k and v of sizes `q`, `k`, `v` rows in each group.
+
+    timm's ViT, Swin, BEiT, EVA ... lay out [all q | all k | all v]: `QKVLayout(1, d, d, d)`. TinyViT, EfficientFormer,
+    LeViT and the head-first maxxvit attention interleave q, k, v per head: `QKVLayout(heads, key_dim, key_dim,
+    val_dim)`.
+    """
+
+    groups: int
+    q: int
+    k: int
+    v: int
+
+    @classmethod
+    def thirds(cls, out_features: int) -> QKVLayout:
+        return cls(1, out_features // 3, out_features // 3, out_features // 3)
+
+    @property
+    def out_features(self) -> int:
+        return self.groups * (self.q + self.k + self.v)
+
+    @property
+    def is_thirds(self) -> bool:
+        return self.groups == 1 and self.q == self.k == self.v
+
+    def span(self, part: str) -> tuple[int, int]:
+        """(offset, size) of `part` ("q", "k" or "v") inside one group."""
+        sizes = {"q": self.q, "k": self.k, "v": self.v}
+        return sum(sizes[c] for c in "qkv"[: "qkv".index(part)]), sizes[part]
+
+    def rows(self, part: str) -> Tensor:
+        """The output rows of `part`, in the order the per-slice B stacks them (group-major)."""
+        off, size = self.span(part)
+        width = self.q + self.k + self.v
+        return (torch.arange(self.groups)[:, None] * width + off + torch.arange(size)).flatten()
+
+    def __str__(self) -> str:
+        if self.is_thirds:
+            return "[q|k|v]"
+        return f"{self.groups}x[q{self.q}|k{self.k}|v{self.v}]"
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -38,37 +83,55 @@ class _SlicedLoRALinear(torch.autograd.Function):
 
     The forward runs one GEMM with the update folded into the weight, so the backward's input gradient is one GEMM
     too; the adapter gradients then cost two thin GEMMs over the output gradient and two over the input, and no
-    zero blocks (unadapted qkv slices) are ever multiplied. Tensors: x (..., in), A (S, r, in), B (S, d, r), slice i
-    covering output rows starts[i] : starts[i] + d.
+    zero blocks (unadapted qkv slices) are ever multiplied. The output rows are `groups` groups of equal width; slice
+    i covers rows offset_i : offset_i + d_i of every group (one group: a plain row range, all views). Tensors: x (...,
+    in), A (S, r, in), B (Σ groups·d_i, r) in any shape with that many elements (slice i's rows group-major).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, starts: tuple[int, ...]):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, groups: int, spans: tuple[tuple[int, int], ...]):
         w = weight.detach().clone()
-        for i, start in enumerate(starts):
-            w[start : start + lora_B.shape[1]].addmm_(lora_B[i].to(w.dtype), lora_A[i].to(w.dtype), alpha=scaling)
+        r = lora_A.shape[1]
+        bs = lora_B.reshape(-1, r).split([groups * d for _, d in spans])  # (groups·d_i, r) each
+        wg = w.view(groups, -1, w.shape[-1])  # (groups, width, in)
+        for i, (off, d) in enumerate(spans):
+            if groups == 1:
+                w[off : off + d].addmm_(bs[i].to(w.dtype), lora_A[i].to(w.dtype), alpha=scaling)
+            else:
+                delta = bs[i].to(w.dtype) @ lora_A[i].to(w.dtype)  # (groups·d, in)
+                wg[:, off : off + d].add_(delta.view(groups, d, -1), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, w)
-        ctx.scaling, ctx.starts = scaling, starts
+        ctx.scaling, ctx.groups, ctx.spans = scaling, groups, spans
         return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_A, lora_B, w = ctx.saved_tensors
-        s, d, (n, r, _) = ctx.scaling, lora_B.shape[1], lora_A.shape
+        s, groups, spans, (n, r, _) = ctx.scaling, ctx.groups, ctx.spans, lora_A.shape
         dt = grad.dtype  # under autocast the output (and its gradient) may be half precision
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
-        a, b = lora_A.to(dt), lora_B.to(dt)
+        a = lora_A.to(dt)
+        bs = lora_B.to(dt).reshape(-1, r).split([groups * d for _, d in spans])
         grad_x = (g @ w.to(dt)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (g.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
-        rows = [g[:, start : start + d] for start in ctx.starts]  # (N, d) views, one per adapted slice
+        gg = g.view(g.shape[0], groups, -1)  # (N, groups, width)
+        # (N, groups·d_i) per adapted slice: views for one group, gathered copies for per-head layouts.
+        rows = [gg[:, :, off : off + d].reshape(g.shape[0], groups * d) for off, d in spans]
         h = x2 @ a.reshape(n * r, -1).t()  # (N, S·r)
-        gb = torch.cat([rows[i] @ b[i] for i in range(n)], dim=1)  # (N, S·r)
+        gb = torch.cat([rows[i] @ bs[i] for i in range(n)], dim=1)  # (N, S·r)
         grad_A = (gb.t() @ x2).mul_(s).view(n, r, -1)  # (S, r, in)
-        grad_B = torch.stack([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (S, d, r)
-        grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+        grad_B = torch.cat([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (Σ groups·d_i, r)
+        grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).view(lora_B.shape)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
+
+
+def _sliced(x: Tensor, base: nn.Linear, a: Tensor, b: Tensor, scaling: float, groups: int, spans: tuple) -> Tensor:
+    # The Function sees 2-D tensors so that its output is not a view: a view made inside a custom Function may not be
+    # modified in place (naflexvit adds its position embedding in place), a view of its output may.
+    y = _SlicedLoRALinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, groups, spans)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 class LoRALayer(nn.Module):
@@ -248,9 +311,8 @@ class LoRALinear(LoRALayer):
     def _forward_train(self, x: Tensor) -> Tensor:
         if isinstance(self.lora_dropout, nn.Identity):
             base = self.base_layer
-            return _SlicedLoRALinear.apply(
-                x, base.weight, base.bias, self.lora_A[None], self.lora_B[None], self.scaling, (0,)
-            )
+            a, b, spans = self.lora_A[None], self.lora_B[None], ((0, base.out_features),)
+            return _sliced(x, base, a, b, self.scaling, 1, spans)
         out = self.base_layer(x)  # (..., out)
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         # out + s · h @ Bᵀ as one fused GEMM.
@@ -259,11 +321,13 @@ class LoRALinear(LoRALayer):
 
 
 class LoRAQKVLinear(LoRALayer):
-    """LoRA around a fused attention projection (timm `Attention.qkv`, out = 3·dim) that adapts a chosen subset of
-    the q, k and v slices, each with its own A (r, in) and B (dim, r); unselected slices get an update of exactly 0.
+    """LoRA around a fused attention projection (timm `Attention.qkv`) that adapts a chosen subset of the q, k and v
+    slices, each with its own A (r, in) and B (rows of that slice, r); unselected slices get an update of exactly 0.
 
-    `lora_A` is (S, r, in) and `lora_B` is (S, dim, r) for the S selected slices, in q, k, v order. Training runs
-    one GEMM for the A's of all slices and one for all B's.
+    Which output rows are q, k and v is given by `layout` (default: [all q | all k | all v] in thirds). `lora_A` is
+    (S, r, in) for the S selected slices in q, k, v order; `lora_B` is (S, d, r) when the selected slices have d rows
+    each, else (Σ d_i, r) with the slices stacked, each slice's rows in layout order (group-major). Training runs one
+    GEMM with the update folded into the weight.
     """
 
     def __init__(
@@ -274,46 +338,61 @@ class LoRAQKVLinear(LoRALayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         slices: str = "qv",
+        layout: QKVLayout | None = None,
     ) -> None:
         super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
         out_f, in_f = base_layer.weight.shape
-        if out_f % 3:
-            raise ValueError(f"A fused qkv Linear needs out_features divisible by 3, got {out_f}.")
+        if layout is None:
+            if out_f % 3:
+                raise ValueError(f"A fused qkv Linear needs out_features divisible by 3, got {out_f}.")
+            layout = QKVLayout.thirds(out_f)
+        if layout.out_features != out_f:
+            raise ValueError(f"qkv layout {layout} covers {layout.out_features} rows, the Linear has {out_f}.")
         if not slices or set(slices) - set("qkv") or len(set(slices)) != len(slices):
             raise ValueError(f"qkv slices must be a non-empty subset of 'qkv' such as 'qv', got {slices!r}.")
-        dim = out_f // 3
-        if r > min(in_f, dim):
-            raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_f, dim)} of a {in_f}->{dim} qkv slice.")
         self.slices = "".join(c for c in "qkv" if c in slices)
-        self.dim = dim
+        self.layout = layout
+        sizes = [layout.groups * layout.span(c)[1] for c in self.slices]
+        if r > min(in_f, *sizes):
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(in, out) = {min(in_f, *sizes)} of a {in_f}->{min(sizes)} qkv slice."
+            )
         n = len(self.slices)
         self.lora_A = nn.Parameter(torch.empty(n, r, in_f, **_factory(base_layer)))
-        self.lora_B = nn.Parameter(torch.zeros(n, dim, r, **_factory(base_layer)))
+        b_shape = (n, sizes[0], r) if len(set(sizes)) == 1 else (sum(sizes), r)
+        self.lora_B = nn.Parameter(torch.zeros(*b_shape, **_factory(base_layer)))
         _init_lora_A(self.lora_A, in_f)
+        self._sizes = sizes
         # Output rows of the selected slices, in the row order of the block-diagonal B below.
-        rows = torch.cat([torch.arange(dim) + "qkv".index(c) * dim for c in self.slices])
+        rows = torch.cat([layout.rows(c) for c in self.slices])
         self.register_buffer("_rows", rows.to(base_layer.weight.device), persistent=False)
 
     @property
+    def dim(self) -> int:
+        """Rows of the q slice (for the [q|k|v] thirds layout: each slice's size)."""
+        return self.layout.groups * self.layout.q
+
+    @property
     def kind(self) -> str:
-        return f"qkv[{','.join(self.slices)}]"
+        kind = f"qkv[{','.join(self.slices)}]"
+        return kind if self.layout.is_thirds else f"{kind} {self.layout}"
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        # B of all selected slices as one (3·dim, S·r) matrix: block-diagonal, zero rows for unselected slices.
-        block = torch.block_diag(*self.lora_B.unbind(0))  # (S·dim, S·r)
-        if len(self.slices) < 3:
-            block = block.new_zeros(3 * self.dim, block.shape[1]).index_copy(0, self._rows, block)
-        return block, self.lora_A.reshape(-1, self.lora_A.shape[-1])  # (3·dim, S·r), (S·r, in)
+        # B of all selected slices as one (out, S·r) matrix: block-diagonal, zero rows for unselected slices.
+        block = torch.block_diag(*self.lora_B.reshape(-1, self.r).split(self._sizes))  # (Σ d_i, S·r)
+        if len(self.slices) < 3 or not self.layout.is_thirds:
+            block = block.new_zeros(self.layout.out_features, block.shape[1]).index_copy(0, self._rows, block)
+        return block, self.lora_A.reshape(-1, self.lora_A.shape[-1])  # (out, S·r), (S·r, in)
 
     def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.base_layer.bias)
 
     def _forward_train(self, x: Tensor) -> Tensor:
         if isinstance(self.lora_dropout, nn.Identity):
-            starts = tuple("qkv".index(c) * self.dim for c in self.slices)
+            spans = tuple(self.layout.span(c) for c in self.slices)
             base = self.base_layer
-            return _SlicedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, starts)
-        out = self.base_layer(x)  # (..., 3·dim)
+            return _sliced(x, base, self.lora_A, self.lora_B, self.scaling, self.layout.groups, spans)
+        out = self.base_layer(x)  # (..., out)
         b, a = self._factors()
         h = F.linear(self.lora_dropout(x), a)  # (..., S·r)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
