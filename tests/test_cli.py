@@ -259,3 +259,11 @@ def test_export_needs_exactly_one_source(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--output", "x.onnx"])
     assert "exactly one of --ckpt_path or --adapter" in capsys.readouterr().err
+
+
+def test_print_targets_lists_what_the_preset_picks_and_exits(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.backbone=levit_128s", "--model.r=4", "--print_targets"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "stages.2.blocks.3.attn.qkv.linear" in out and "8x[q16|k16|v32]" in out and "adapted modules" in out

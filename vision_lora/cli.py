@@ -298,6 +298,9 @@ class VisionLoRACLI(LightningCLI):
             default=None,
             help="Also refresh last.ckpt every N training steps (default: only at the end of each epoch).",
         )
+        parser.add_argument(
+            "--print_targets", action="store_true", help="Print the modules LoRA adapts and skips, then exit."
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_acc",
@@ -354,6 +357,11 @@ class VisionLoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
+        if config.get("print_targets"):
+            from .inject import describe_targets
+
+            print(describe_targets(config.model.backbone, **config.model.as_dict()))
+            sys.exit(0)
         requested, stored = self._requested.get("backbone"), config.model.get("backbone")
         if requested not in (None, _DEFAULT_BACKBONE, stored):
             raise ValueError(
