@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import lightning as L
 from safetensors.torch import save_file
 
@@ -20,6 +24,17 @@ FAST = [
     "--trainer.enable_model_summary=false",
     "--trainer.log_every_n_steps=1",
 ]
+
+
+def cli_env() -> dict:
+    """The environment for a `vision-lora` subprocess: this one, with tests/ importable (for `helpers.X` callbacks)."""
+    here = str(Path(__file__).parent)
+    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line of `vision-lora <args>` in a subprocess, with this interpreter."""
+    return [sys.executable, "-m", "vision_lora.cli", *args]
 
 
 def quiet_trainer(**overrides) -> L.Trainer:

@@ -15,21 +15,11 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import FAST
+from helpers import FAST, cli_command, cli_env
 from safetensors.torch import load_file
 
 from vision_lora.adapter import atomic_write
 from vision_lora.cli import main
-
-HERE = Path(__file__).parent
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vision_lora.cli", *args]
 
 
 def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image_folder, backbone_file, tmp_path):
@@ -45,16 +35,16 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
     ]
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
-        command = _cli(*args, f"--trainer.logger.init_args.name={name}", *extra)
-        return subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        command = cli_command(*args, f"--trainer.logger.init_args.name={name}", *extra)
+        return subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
 
     straight = run("straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     victim = subprocess.Popen(
-        _cli(*args, "--trainer.logger.init_args.name=killed"),
+        cli_command(*args, "--trainer.logger.init_args.name=killed"),
         cwd=tmp_path,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -161,7 +151,7 @@ def test_adapter_weights_are_never_unpickled(tmp_path, monkeypatch):
 
 
 def test_failing_rank_stops_a_ddp_run_quickly(image_folder, tmp_path):
-    cmd = _cli(
+    cmd = cli_command(
         "fit",
         *FAST,
         f"--data.root={image_folder}",
@@ -171,7 +161,7 @@ def test_failing_rank_stops_a_ddp_run_quickly(image_folder, tmp_path):
         "--trainer.callbacks+=helpers.FailOnRank1",
     )
     start = time.time()
-    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert time.time() - start < 120
     assert "rank 1 failed on purpose" in result.stderr

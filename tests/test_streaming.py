@@ -10,14 +10,13 @@ import random
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST
+from helpers import FAST, cli_command, cli_env
 from PIL import Image
 from timm.data import create_transform
 
@@ -206,7 +205,7 @@ def test_remote_uri_streams_and_missing_credentials_fail_fast(image_folder, tmp_
     assert time.perf_counter() - start < 10
 
 
-def test_optimize_fit_test_export_on_the_digits_through_the_cli(tmp_path, monkeypatch):
+def test_optimize_fit_test_export_on_the_digits_through_thecli_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["optimize", f"--data.root={REPO / 'data' / 'digits'}", "--output=digits_opt", "--num_workers=2"])
     assert read_info("digits_opt")["counts"] == {"train": 1257, "val": 270, "test": 270}
@@ -223,14 +222,6 @@ def test_optimize_fit_test_export_on_the_digits_through_the_cli(tmp_path, monkey
     assert Path("digits.onnx").stat().st_size > 0
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vision_lora.cli", *args]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["folder", "optimized"])
 def test_ddp_sees_every_training_sample_once_per_epoch_and_validates_each_val_sample_once(
@@ -243,11 +234,11 @@ def test_ddp_sees_every_training_sample_once_per_epoch_and_validates_each_val_sa
     if source == "optimized":
         root = tmp_path / "optimized"
         optimize_folder(FolderSource(image_folder), root, num_workers=1)
-    command = _cli(
+    command = cli_command(
         "fit", *FAST, f"--data.root={root}", "--data.batch_size=4", "--trainer.max_epochs=2", "--trainer.devices=2",
         "--trainer.strategy=ddp", "--trainer.callbacks+=helpers.RecordKeys",
     )  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"keys-rank{r}.json").read_text()) for r in (0, 1)]
     folder = FolderSource(image_folder)
@@ -279,15 +270,15 @@ def test_kill_9_mid_epoch_on_a_streaming_dataset_resumes_exactly(image_folder, b
     ]  # fmt: skip
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
-        command = _cli(*args, f"--trainer.logger.init_args.name={name}", *extra)
-        return subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        command = cli_command(*args, f"--trainer.logger.init_args.name={name}", *extra)
+        return subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
 
     straight = run("straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     victim = subprocess.Popen(
-        _cli(*args, "--trainer.logger.init_args.name=killed"),
+        cli_command(*args, "--trainer.logger.init_args.name=killed"),
         cwd=tmp_path,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -341,9 +332,9 @@ def test_optimize_killed_half_way_leaves_no_complete_looking_dataset(tmp_path):
         for i in range(60):
             (photos / "train" / cls / f"{i}.jpg").write_bytes(jpeg)
     out = tmp_path / "optimized"
-    command = _cli("optimize", f"--data.root={photos}", f"--output={out}", "--num_workers=1", "--max_side=1024")
+    command = cli_command("optimize", f"--data.root={photos}", f"--output={out}", "--num_workers=1", "--max_side=1024")
     victim = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         deadline = time.time() + 120
