@@ -150,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photos, optimized = Path(tmp, "photos"), Path(tmp, "optimized")
         if args.skip_throughput:
-            args.per_photo = 1
+            args.per_photo = 2  # the photos are not used; two per class make a val split
         make_photos(photos, args.per_photo)
         report = optimize_folder(FolderSource(photos, val_fraction=0.1), optimized, max_side=512)
         n = report.counts["train"]
