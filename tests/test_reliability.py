@@ -289,3 +289,31 @@ def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert path.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_a_diverging_run_stops_with_a_message_and_writes_no_nan(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *FAST, f"--data.root={image_folder}", "--trainer.max_epochs=3"]
+    main([*args, "--trainer.logger.init_args.name=good", "--trainer.max_epochs=1"])
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--model.lr=1e4", "--model.head_lr=1e4", "--model.warmup_fraction=0"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "Training diverged at step" in err and "learning rates" in err and "Lower --model.lr" in err
+    written = list((tmp_path / "runs").rglob("*.ckpt")) + list((tmp_path / "runs").rglob("*.safetensors"))
+    assert written  # the good run's files, and whatever the diverging run wrote before it diverged
+    for path in written:
+        state = (
+            load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)["state_dict"]
+        )
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def test_a_checkpoint_holding_nan_is_never_written_over_a_good_one(tmp_path):
+    from vision_lora.callbacks import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(ValueError, match="w holds NaN"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    torch.testing.assert_close(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))

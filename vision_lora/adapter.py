@@ -142,6 +142,9 @@ def save_adapter(
     if info["merged"]:
         raise ValueError("The LoRA layers are merged; unmerge them before saving an adapter.")
     state = adapter_state_dict(model)
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"Refusing to write an adapter to {directory}: {key} holds NaN or infinite values.")
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(info, indent=2, ensure_ascii=False)
     atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

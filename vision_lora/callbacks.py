@@ -36,6 +36,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint IO that never leaves a torn file (temp file, fsync, rename) and never unpickles code on load."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write `checkpoint` atomically.
+
+        Raises:
+            ValueError: a weight is NaN or infinite: such a checkpoint is never written over a good one.
+        """
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"Refusing to write {path}: {key} holds NaN or infinite values (training diverged).")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
@@ -221,8 +222,30 @@ class LoRAClassifier(L.LightningModule):
             loss = SoftTargetCrossEntropy()(self(x), soft)
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self._check_finite(loss)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return loss
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Stop the run at the first non-finite loss, before its gradients touch the weights.
+
+        Raises:
+            ValueError: the loss is NaN or infinite (the message gives the step, the learning rates and the last
+                finite loss; the checkpoints on disk still hold the last good weights).
+        """
+        value = float(loss.detach())
+        if math.isfinite(value):
+            self._last_finite_loss = (int(self.global_step), value)
+            return
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        lrs = ", ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups) if optimizer is not None else "?"
+        step, last = getattr(self, "_last_finite_loss", (None, None))
+        before = "no step had a finite loss" if last is None else f"the last finite loss was {last:.4g} at step {step}"
+        raise ValueError(
+            f"Training diverged at step {int(self.global_step)} (epoch {self.current_epoch}): the loss is {value}; "
+            f"learning rates {lrs}; {before}. The run stopped before this step changed the weights, and no "
+            "checkpoint or adapter with non-finite values was written. Lower --model.lr / --model.head_lr."
+        )
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> Tensor | None:
         x, y = batch
