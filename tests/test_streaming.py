@@ -260,9 +260,12 @@ def test_ddp_sees_every_training_sample_once_per_epoch_and_validates_each_val_sa
 
 
 @pytest.mark.slow
-def test_kill_9_mid_epoch_on_a_streaming_dataset_resumes_exactly(image_folder, backbone_file, tmp_path):
-    root = tmp_path / "optimized"
-    optimize_folder(FolderSource(image_folder), root, num_workers=1)
+@pytest.mark.parametrize("source", ["optimized", "folder"])
+def test_kill_9_mid_epoch_resumes_exactly(source, image_folder, backbone_file, tmp_path):
+    root = image_folder
+    if source == "optimized":
+        root = tmp_path / "optimized"
+        optimize_folder(FolderSource(image_folder), root, num_workers=1)
     args = [
         "fit", *FAST, f"--data.root={root}", f"--model.weights={backbone_file('test_resnet')}", "--seed_everything=7",
         "--trainer.max_epochs=2", "--data.num_workers=2", "--data.batch_size=4", "--data.hflip=0.5",

@@ -99,6 +99,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._bad: dict[str, list[BadSample]] = defaultdict(list)
         self._seen: dict[str, int] = defaultdict(int)
         self._restored: dict[str, Any] = {}
+        self._epoch_key: int | None = None  # shuffle key of the current image-folder epoch
+        self._batches_done = 0  # training batches of the current epoch handed to the model
         self._train_loader: DataLoader | None = None
         self.folder: FolderSource | None = None
         self.info: dict[str, Any] | None = None  # of an optimized dataset
@@ -263,7 +265,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return loader
         world, rank = self._ranks()
         if split == "train":
-            sampler = EpochSampler(dataset, hp.seed, self._steps_done, num_replicas=world, rank=rank)
+            sampler = EpochSampler(dataset, hp.seed, self._epoch_start, num_replicas=world, rank=rank)
         elif world > 1:  # every sample exactly once across ranks, where Lightning's sampler would pad
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         else:
@@ -296,10 +298,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         steps = self.trainer.global_step if self.trainer is not None else 0
         return max(steps, self._restored.get("steps_done", 0))
 
+    def _epoch_start(self) -> tuple[int, int]:
+        """(shuffle key, samples to skip) of the image-folder epoch that starts now: a new epoch is keyed by the
+        steps done; a run resumed mid-epoch continues its epoch's shuffle after the batches it already trained on."""
+        key, done = self._restored.pop("epoch_key", None), self._restored.pop("batches_done", 0)
+        if key is None or not done:
+            key, done = self._steps_done(), 0
+        self._epoch_key, self._batches_done = key, done
+        return key, done * self.hparams.batch_size
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the optimizer steps done (the key of the next image-folder epoch's
-        shuffle) and, for a streaming dataset, the loader's position in its epoch."""
+        shuffle), the current epoch's key and batches done, and, for a streaming dataset, the loader's position in
+        its epoch."""
         state: dict[str, Any] = {"steps_done": self._steps_done()}
+        if self._epoch_key is not None and self._train_loader is not None:
+            full = self._batches_done >= len(self._train_loader)  # an epoch-end checkpoint: the next epoch is new
+            state.update(epoch_key=self._epoch_key, batches_done=0 if full else self._batches_done)
         loader = self._train_loader
         if loader is not None and hasattr(loader, "state_dict"):
             # Kept here rather than left to Lightning, which restores a loader's state only if the loader was not
@@ -309,8 +324,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = {"steps_done": int(state_dict.get("steps_done", 0))}
-        if "train_loader" in state_dict:
-            self._restored["train_loader"] = state_dict["train_loader"]
+        for key in ("train_loader", "epoch_key", "batches_done"):
+            if key in state_dict:
+                self._restored[key] = state_dict[key]
 
     # -- bad files -----------------------------------------------------------------------------------------------
 
@@ -323,6 +339,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not isinstance(batch, CollatedBatch):
             return batch
         self.batch_keys = batch.keys
+        if batch.stage == "train":
+            self._batches_done += 1
         self._seen[batch.stage] += batch.num_samples
         self._bad[batch.stage].extend(batch.bad)
         return batch.images, batch.labels

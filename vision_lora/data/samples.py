@@ -138,7 +138,8 @@ class EpochSampler(DistributedSampler):
     different few each epoch) are left out, where padding would instead train on some samples twice. The epoch
     key comes from `epoch_key` when given (the DataModule passes the trainer's optimizer-step count at the start of
     the epoch: unlike Lightning's epoch counter, it is already restored when a resumed run builds its first
-    iterator), else from `set_epoch`.
+    iterator), else from `set_epoch`. `epoch_key` may also return `(key, skip)`: the epoch's first `skip` samples of
+    this rank were already trained on (a run resumed mid-epoch).
     """
 
     def __init__(
@@ -156,14 +157,16 @@ class EpochSampler(DistributedSampler):
         return len(self.dataset) // self.num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        skip = 0
         if self.epoch_key is not None:
-            self.epoch = self.epoch_key()
+            key = self.epoch_key()
+            self.epoch, skip = key if isinstance(key, tuple) else (key, 0)
         n = len(self.dataset)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(n, generator=generator).tolist()
         base = (self.seed * 1_000_003 + self.epoch) * n
         mine = order[self.rank : len(self) * self.num_replicas : self.num_replicas]
-        return iter([(index, base + index) for index in mine])
+        return iter([(index, base + index) for index in mine[skip:]])
 
 
 class SkipBadCollate:
