@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def cli_env() -> dict:
 def cli_command(*args: str) -> list[str]:
     """The command line of `vision-lora <args>` in a subprocess, with this interpreter."""
     return [sys.executable, "-m", "vision_lora.cli", *args]
+
+
+def run_named(cwd: Path, args: list[str], name: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run `vision-lora <args>` to completion as logger run `name` (5 minutes at most), output captured."""
+    command = cli_command(*args, f"--trainer.logger.init_args.name={name}", *extra)
+    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def start_named(cwd: Path, args: list[str], name: str) -> subprocess.Popen:
+    """Start `vision-lora <args>` as logger run `name` in its own process group (to be killed as a whole)."""
+    command = cli_command(*args, f"--trainer.logger.init_args.name={name}")
+    out = subprocess.DEVNULL
+    return subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=out, stderr=out, start_new_session=True)
 
 
 def quiet_trainer(**overrides) -> L.Trainer:

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import FAST, cli_command, cli_env
+from helpers import FAST, cli_command, cli_env, run_named, start_named
 from safetensors.torch import load_file
 
 from vision_lora.adapter import atomic_write
@@ -34,30 +34,20 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
         "--trainer.callbacks+=helpers.SlowSteps",
     ]
 
-    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
-        command = cli_command(*args, f"--trainer.logger.init_args.name={name}", *extra)
-        return subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
-
-    straight = run("straight")
+    straight = run_named(tmp_path, args, "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    victim = subprocess.Popen(
-        cli_command(*args, "--trainer.logger.init_args.name=killed"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    victim = start_named(tmp_path, args, "killed")
     last = tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the next epoch's steps
-    victim.send_signal(signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)  # the run and its loader workers, as a crash takes them all
     assert victim.wait(timeout=30) == -signal.SIGKILL, "the run should have been killed mid-training"
     assert torch.load(last, weights_only=True)["epoch"] < 2
 
-    resumed = run("killed", "--ckpt_path=last")
+    resumed = run_named(tmp_path, args, "killed", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stderr + resumed.stdout
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, cli_command, cli_env
+from helpers import FAST, cli_command, cli_env, run_named, start_named
 from PIL import Image
 from timm.data import create_transform
 
@@ -272,20 +272,9 @@ def test_kill_9_mid_epoch_resumes_exactly(source, image_folder, backbone_file, t
         "--last_every_n_steps=3", "--trainer.callbacks+=helpers.SlowSteps",
     ]  # fmt: skip
 
-    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
-        command = cli_command(*args, f"--trainer.logger.init_args.name={name}", *extra)
-        return subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
-
-    straight = run("straight")
+    straight = run_named(tmp_path, args, "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    victim = subprocess.Popen(
-        cli_command(*args, "--trainer.logger.init_args.name=killed"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    victim = start_named(tmp_path, args, "killed")
     last = tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     try:
         deadline = time.time() + 240
@@ -305,7 +294,7 @@ def test_kill_9_mid_epoch_resumes_exactly(source, image_folder, backbone_file, t
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 12 and ckpt["epoch"] == 1, "the kill should land mid-epoch"
 
-    resumed = run("killed", "--ckpt_path=last")
+    resumed = run_named(tmp_path, args, "killed", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = {}
     for name in ("straight", "killed"):
