@@ -331,7 +331,8 @@ def _dataset_class() -> type:
             item = super().__getitem__(index)
             seed = None
             if self.shuffle and hasattr(index, "index"):  # training: augmentation seeded by epoch and sample
-                seed = (self.vision_seed * 1_000_003 + self.current_epoch) * len(self) + index.index
+                # A fixed prime stride, not len(self): LitData recomputes its length on every call.
+                seed = (self.vision_seed * 1_000_003 + self.current_epoch) * 1_000_000_007 + index.index
             key = item["key"]
             return load_sample(key, bytes(item["image"]), int(item["label"]), self.pipeline, seed, self.bad_files)
 
