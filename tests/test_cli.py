@@ -267,3 +267,10 @@ def test_print_targets_lists_what_the_preset_picks_and_exits(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "stages.2.blocks.3.attn.qkv.linear" in out and "8x[q16|k16|v32]" in out and "adapted modules" in out
+
+
+@pytest.mark.parametrize("name", ["preprocess", "serve", "export", "data", "reports"])
+def test_every_module_imports_on_its_own(name):
+    """`from vision_lora.X import ...` as a program's first import (no import cycle through the data package)."""
+    result = subprocess.run([sys.executable, "-c", f"import vision_lora.{name}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..preprocess import eval_transform
+from .. import preprocess as preprocessing  # a module, not its names: preprocess imports .decode, which imports this package
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -192,7 +192,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
         """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
         and `vision-lora serve` use too): resize, center crop by `crop_pct`, normalise."""
-        return eval_transform(data_config or self.data_config or self.resolve_data_config())
+        return preprocessing.eval_transform(data_config or self.data_config or self.resolve_data_config())
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
