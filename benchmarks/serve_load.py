@@ -4,12 +4,16 @@
     python benchmarks/serve_load.py                          # newest quickstart checkpoint
     python benchmarks/serve_load.py --ckpt_path best.ckpt --requests 540 --long_requests 10000 --out serve_load.json
 
-1. Exports the checkpoint to float32 ONNX and to int8 (`--quantize int8`: calibrated on train, agreement on test).
+1. Runs `vision-lora test` on the checkpoint (its accuracy and its list of misclassified files are what the served
+   answers must equal), exports it to float32 ONNX and to int8 (`--quantize int8`: calibrated on train, agreement
+   on test).
 2. Serves the float32 file on 127.0.0.1 and sends the digits test PNGs (multipart) from 1, 4, 16, 64 client threads,
    `--requests` per level (and at most `--max_seconds` each): requests/s, p50/p95/p99 latency, errors, the batch
    sizes the server reports, the server's peak RSS, and the accuracy of the served answers against the labels.
 3. `--long_requests` at concurrency 16 for the error count of a longer run, then `--rounds` alternating runs at
-   concurrency 16 against this server and one with `--max_batch_size 1`: the batching speed-up is their median ratio.
+   concurrency 16 against this server and one with `--max_batch_size 1`: the batching speed-up is their median ratio,
+   with the CPU time per request of the client, the HTTP process and the inference worker (where the time goes), and
+   onnxruntime's own CPU time per image at batch 1 and 16 (what batching can save on this CPU at most).
 4. onnxruntime latency of float32 and int8 at batch 1 and 16, for the quickstart model and vit_small_patch16_224
    (random weights, 10-class head; calibrated on the digits), measured alternately; file sizes.
 Every loop is bounded in count and time; every server is stopped (SIGTERM, then SIGKILL) even on failure.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import http.client
 import json
 import os
@@ -108,11 +113,35 @@ class PeakMemory:
         return {"peak_rss_mb": round(self.rss / 1e6), "peak_pss_mb": round(self.pss / 1e6)}
 
 
-def load(port: int, bodies: list[bytes], labels: list[str], concurrency: int, requests: int, max_seconds: float):
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the client), of the server's inference worker (LitServe
+    starts it with multiprocessing's spawn) and of its other processes (the HTTP server)."""
+    seconds = {"client": sum(psutil.Process().cpu_times()[:2]), "inference": 0.0, "http": 0.0}
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(server_pid)
+        for process in [parent, *parent.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                kind = "inference" if "--multiprocessing-fork" in process.cmdline() else "http"
+                seconds[kind] += sum(process.cpu_times()[:2])
+    return seconds
+
+
+def load(
+    port: int,
+    bodies: list[bytes],
+    labels: list[str],
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    server_pid: int | None = None,
+    wrong: set | None = None,
+):
     """`requests` POSTs from `concurrency` threads (each with its own keep-alive connection), cycling through
-    `bodies`; stops early after `max_seconds`. Returns the figures of the run."""
+    `bodies`; stops early after `max_seconds`. Returns the figures of the run, with the CPU milliseconds per request
+    of each process when `server_pid` is given; the indices of wrongly answered bodies are added to `wrong`."""
     lock, next_index = threading.Lock(), [0]
     latencies, errors, batch_sizes, correct = [], [], [], [0]
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
     deadline = time.monotonic() + max_seconds
 
     def worker() -> None:
@@ -139,6 +168,8 @@ def load(port: int, bodies: list[bytes], labels: list[str], concurrency: int, re
                     latencies.append(elapsed)
                     batch_sizes.append(int(response.getheader("X-Batch-Size", "0")))
                     correct[0] += answer == labels[k]
+                    if wrong is not None and answer != labels[k]:
+                        wrong.add(k)
             except (OSError, http.client.HTTPException, ValueError) as err:
                 errors.append(type(err).__name__)
                 conn.close()
@@ -154,6 +185,10 @@ def load(port: int, bodies: list[bytes], labels: list[str], concurrency: int, re
     wall = time.perf_counter() - begin
     ms = np.array(latencies) * 1000
     done = len(latencies)
+    cpu = {}
+    if cpu_before is not None and done:
+        after = cpu_seconds(server_pid)
+        cpu = {"cpu_ms_per_request": {k: round((after[k] - v) * 1000 / done, 2) for k, v in cpu_before.items()}}
     return {
         "concurrency": concurrency,
         "requests": done + len(errors),
@@ -166,6 +201,7 @@ def load(port: int, bodies: list[bytes], labels: list[str], concurrency: int, re
         "max_batch": int(max(batch_sizes)) if done else None,
         "accuracy": round(correct[0] / done, 4) if done else None,
         "seconds": round(wall, 1),
+        **cpu,
     }
 
 
@@ -185,6 +221,40 @@ def ort_latency(paths: dict[str, Path], input_size: list[int], batch: int, reps:
             s.run(None, {"input": x})
             times[k].append((time.perf_counter() - start) * 1000)
     return {k: round(statistics.median(v), 2) for k, v in times.items()}
+
+
+def ort_cpu_per_image(path: Path, input_size: list[int], images: int = 256) -> dict[str, float]:
+    """onnxruntime's CPU milliseconds per image at batch 1 and 16, one compute thread: the most that batching can
+    save per request on this CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for batch in (1, 16):
+        x = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
+        session.run(None, {"input": x})
+        start = time.process_time()
+        for _ in range(images // batch):
+            session.run(None, {"input": x})
+        out[f"batch{batch}"] = round((time.process_time() - start) * 1000 / images, 2)
+    return out
+
+
+def vision_lora_test(ckpt: str, data: str) -> dict:
+    """`vision-lora test` on the checkpoint with the quickstart config: test_acc and the misclassified files (the
+    run's test/errors.csv)."""
+    command = [sys.executable, "-m", "vision_lora.cli", "test", "--config", str(ROOT / "configs/quickstart.yaml")]
+    command += ["--ckpt_path", ckpt, f"--data.root={data}", "--trainer.enable_progress_bar=false"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"vision-lora test failed:\n{done.stderr[-3000:]}")
+    row = next(line for line in done.stdout.splitlines() if " test_acc " in line)
+    errors = Path(ckpt).parents[1] / "test" / "errors.csv"
+    with open(errors) as f:
+        misclassified = sorted(str((ROOT / r["path"]).resolve()) for r in csv.DictReader(f))
+    return {"test_acc": round(float(row.split()[-2]), 4), "misclassified": misclassified, "errors_csv": str(errors)}
 
 
 def int8_figures(name: str, fp32: Path, int8: Path, input_size: list[int], reps: int) -> dict:
@@ -225,7 +295,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "data/digits"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=540, help="requests per concurrency level")
-    p.add_argument("--long_requests", type=int, default=2000, help="requests of the long run at concurrency 16")
+    p.add_argument("--long_requests", type=int, default=10000, help="requests of the long run at concurrency 16")
     p.add_argument("--max_seconds", type=float, default=120, help="time limit of each load run")
     p.add_argument("--rounds", type=int, default=4, help="alternating batch-16 / batch-1 rounds at 16 clients")
     p.add_argument("--reps", type=int, default=40, help="onnxruntime latency repetitions at batch 1")
@@ -266,20 +336,17 @@ def main() -> None:
                 f"--data.root={args.data}",
             ]
         )
-        import torch
-
-        from vision_lora.export import labelled_images, load_model, preprocess_files, read_onnx_metadata
+        from vision_lora.export import labelled_images, load_model, read_onnx_metadata
 
         trained = load_model(ckpt_path=ckpt)
         paths, targets = labelled_images(test, trained.class_names)
-        with torch.no_grad():
-            logits = trained.model(preprocess_files(paths, trained.data_config))
-        result["pytorch_test_accuracy"] = round(float((logits.argmax(1) == torch.tensor(targets)).float().mean()), 4)
+        result["vision_lora_test"] = vision_lora_test(ckpt, args.data)
+        print("vision-lora test", result["vision_lora_test"], flush=True)
 
         runs = []
         b16_args = ["--model", str(fp32), "--max_batch_size", "16", "--batch_timeout_ms", "5"]
         b1_args = ["--model", str(fp32), "--max_batch_size", "1"]
-        with server(*b16_args, log=tmp / "s16.log") as (port, proc), server(*b1_args, log=tmp / "s1.log") as (port1, _):
+        with server(*b16_args, log=tmp / "a.log") as (port, proc), server(*b1_args, log=tmp / "b.log") as (port1, p1):
             for p in (port, port1):
                 load(p, bodies[:32], labels[:32], 4, 64, 30)  # warm-up
             for c in args.concurrency:
@@ -288,16 +355,38 @@ def main() -> None:
                 figures.update(memory.close())
                 runs.append({"max_batch_size": 16, **figures})
                 print(runs[-1], flush=True)
-            memory = PeakMemory(proc.pid)
-            long = load(port, bodies, labels, 16, args.long_requests, args.max_seconds * 3)
+            memory, wrong = PeakMemory(proc.pid), set()
+            long = load(port, bodies, labels, 16, args.long_requests, args.max_seconds * 10, wrong=wrong)
             long.update(memory.close())
             result["long_run"] = {"max_batch_size": 16, **long}
             print("long", result["long_run"], flush=True)
+            # Every file is sent many times: the files ever answered wrongly must be exactly those `vision-lora test`
+            # got wrong, and the accuracy per file the same.
+            served_wrong = sorted(str(files[k].resolve()) for k in wrong)
+            tested = result["vision_lora_test"]
+            result["served_vs_test"] = {
+                "files": len(files),
+                "served_accuracy_per_file": round(1 - len(served_wrong) / len(files), 4),
+                "test_accuracy": tested["test_acc"],
+                "same_misclassified_files": served_wrong == tested["misclassified"],
+            }
+            print("served vs test", result["served_vs_test"], flush=True)
             # Batch 16 against batch 1 at 16 clients, in alternating rounds so that the machine's drift cancels.
             rounds = []
             for _ in range(max(1, args.rounds)):
-                pair = [load(p, bodies, labels, 16, args.requests // 2, args.max_seconds) for p in (port, port1)]
-                rounds.append({"batch16_req_per_s": pair[0]["req_per_s"], "batch1_req_per_s": pair[1]["req_per_s"]})
+                pair = [
+                    load(p, bodies, labels, 16, args.requests // 2, args.max_seconds, server_pid=pid)
+                    for p, pid in ((port, proc.pid), (port1, p1.pid))
+                ]
+                rounds.append(
+                    {
+                        "batch16_req_per_s": pair[0]["req_per_s"],
+                        "batch1_req_per_s": pair[1]["req_per_s"],
+                        "batch16_mean_batch": pair[0]["mean_batch"],
+                        "batch16_cpu_ms_per_request": pair[0]["cpu_ms_per_request"],
+                        "batch1_cpu_ms_per_request": pair[1]["cpu_ms_per_request"],
+                    }
+                )
                 print("round", rounds[-1], flush=True)
             runs.append({"max_batch_size": 1, **pair[1]})
         result["load"] = runs
@@ -305,6 +394,8 @@ def main() -> None:
         result["batch16_over_batch1_throughput_c16"] = round(
             statistics.median(r["batch16_req_per_s"] / r["batch1_req_per_s"] for r in rounds), 3
         )
+        result["onnxruntime_cpu_ms_per_image"] = ort_cpu_per_image(fp32, read_onnx_metadata(fp32)["input_size"])
+        print("onnxruntime CPU per image", result["onnxruntime_cpu_ms_per_image"], flush=True)
         b16 = next(r for r in runs if r["max_batch_size"] == 16 and r["concurrency"] == 16)
         result["p99_over_p50_c16"] = round(b16["p99_ms"] / b16["p50_ms"], 2)
 

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import make_image_folder
 from helpers import FAST
 from PIL import Image
 
 from vision_lora.cli import main
 from vision_lora.export import read_onnx_metadata
-from vision_lora.preprocess import ImageTooLargeError, decode_image
+from vision_lora.preprocess import ImageTooLargeError, decode_image, eval_stages, eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF"}
@@ -329,6 +330,26 @@ def test_decode_image_checks_the_header_before_decoding():
     assert time.perf_counter() - start < 1.0
     with pytest.raises(ValueError, match="empty"):
         decode_image(b"")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"input_size": (3, 96, 96), "interpolation": "bilinear", "crop_pct": 1.0},
+        {"input_size": (3, 64, 48), "interpolation": "bicubic", "crop_pct": 0.875},
+    ],
+)
+def test_the_two_serving_stages_equal_eval_transform_bit_for_bit(config):
+    """The HTTP process resizes and crops to uint8, the worker normalises the batch: the same pixels as export
+    verification and `vision-lora test` see."""
+    config = {**config, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    rng = np.random.default_rng(0)
+    sizes = ((8, 8), (300, 120), (97, 413))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    pixels, normalize = eval_stages(config)
+    batch = normalize(np.stack([pixels(image) for image in images]))  # (3, 3, H, W)
+    expected = torch.stack([eval_transform(config)(image) for image in images])
+    torch.testing.assert_close(torch.from_numpy(batch), expected, rtol=0, atol=0)
 
 
 def test_int8_export_reports_agreement_and_refuses_below_the_minimum(run, capsys, caplog):

@@ -10,13 +10,17 @@ import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import MaybeToTensor
 from torch import Tensor
+from torchvision import transforms
 
 from .data.decode import load_rgb
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageTooLargeError", "decode_image", "eval_transform"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageTooLargeError", "decode_image", "eval_stages", "eval_transform"]
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -42,6 +46,38 @@ def eval_transform(data_config: Mapping[str, Any]) -> Callable[[Image.Image], Te
         crop_pct=data_config.get("crop_pct", 1.0),
         crop_mode=data_config.get("crop_mode") or "center",
     )
+
+
+def eval_stages(
+    data_config: Mapping[str, Any],
+) -> tuple[Callable[[Image.Image], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """`eval_transform` in two stages, for serving: the geometry of one image, then the normalisation of a batch.
+
+    The first stage resizes and crops one RGB image to a uint8 array (H, W, 3), a quarter of the bytes of the float
+    tensor; the second turns a stack of them (N, H, W, 3) into the float32 batch (N, 3, H, W) with the same operations
+    as `eval_transform`, so the result is identical, bit for bit, and the per-pixel arithmetic runs once per batch.
+
+    Raises:
+        ValueError: timm's eval transform does not end in to-tensor + normalise (a timm version this was not made for).
+    """
+    steps = eval_transform(data_config).transforms
+    if len(steps) < 2 or not isinstance(steps[-2], (MaybeToTensor, transforms.ToTensor)):
+        raise ValueError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
+    normalize = steps[-1]
+    if not isinstance(normalize, transforms.Normalize):
+        raise ValueError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
+    geometry = transforms.Compose(steps[:-2])
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def pixels(image: Image.Image) -> np.ndarray:
+        return np.asarray(geometry(image), dtype=np.uint8)  # (H, W, 3)
+
+    def batch(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)  # (N, 3, H, W)
+        return x.sub_(mean).div_(std).contiguous().numpy()
+
+    return pixels, batch
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

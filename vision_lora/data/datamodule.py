@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .. import preprocess as preprocessing  # a module, not its names: preprocess imports .decode, which imports this package
+from .. import preprocess as preprocessing  # the module, not its names: it imports .decode, hence this package
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
