@@ -289,6 +289,73 @@ def vit_int8(tmp: Path, calib_dir: Path) -> tuple[Path, Path]:
     return fp32, int8
 
 
+def serving(args, ckpt: str, fp32: Path, files: list[Path], bodies: list[bytes], labels: list[str], tmp: Path) -> dict:
+    """Steps 2 and 3 of the docstring, against `vision-lora serve --model fp32` (with `vision-lora test` first)."""
+    from vision_lora.export import read_onnx_metadata
+
+    result = {}
+    result["vision_lora_test"] = vision_lora_test(ckpt, args.data)
+    print("vision-lora test", result["vision_lora_test"], flush=True)
+
+    runs = []
+    b16_args = ["--model", str(fp32), "--max_batch_size", "16", "--batch_timeout_ms", "5"]
+    b1_args = ["--model", str(fp32), "--max_batch_size", "1"]
+    with server(*b16_args, log=tmp / "a.log") as (port, proc), server(*b1_args, log=tmp / "b.log") as (port1, p1):
+        for p in (port, port1):
+            load(p, bodies[:32], labels[:32], 4, 64, 30)  # warm-up
+        for c in args.concurrency:
+            memory = PeakMemory(proc.pid)
+            figures = load(port, bodies, labels, c, args.requests, args.max_seconds)
+            figures.update(memory.close())
+            runs.append({"max_batch_size": 16, **figures})
+            print(runs[-1], flush=True)
+        memory, wrong = PeakMemory(proc.pid), set()
+        long = load(port, bodies, labels, 16, args.long_requests, args.max_seconds * 10, wrong=wrong)
+        long.update(memory.close())
+        result["long_run"] = {"max_batch_size": 16, **long}
+        print("long", result["long_run"], flush=True)
+        # Every file is sent many times: the files ever answered wrongly must be exactly those `vision-lora test`
+        # got wrong, and the accuracy per file the same.
+        served_wrong = sorted(str(files[k].resolve()) for k in wrong)
+        tested = result["vision_lora_test"]
+        result["served_vs_test"] = {
+            "files": len(files),
+            "served_accuracy_per_file": round(1 - len(served_wrong) / len(files), 4),
+            "test_accuracy": tested["test_acc"],
+            "same_misclassified_files": served_wrong == tested["misclassified"],
+        }
+        print("served vs test", result["served_vs_test"], flush=True)
+        # Batch 16 against batch 1 at 16 clients, in alternating rounds so that the machine's drift cancels.
+        rounds = []
+        for _ in range(max(1, args.rounds)):
+            pair = [
+                load(p, bodies, labels, 16, args.requests // 2, args.max_seconds, server_pid=pid)
+                for p, pid in ((port, proc.pid), (port1, p1.pid))
+            ]
+            rounds.append(
+                {
+                    "batch16_req_per_s": pair[0]["req_per_s"],
+                    "batch1_req_per_s": pair[1]["req_per_s"],
+                    "batch16_mean_batch": pair[0]["mean_batch"],
+                    "batch16_cpu_ms_per_request": pair[0]["cpu_ms_per_request"],
+                    "batch1_cpu_ms_per_request": pair[1]["cpu_ms_per_request"],
+                }
+            )
+            print("round", rounds[-1], flush=True)
+        runs.append({"max_batch_size": 1, **pair[1]})
+    result["load"] = runs
+    result["batch_rounds_c16"] = rounds
+    result["batch16_over_batch1_throughput_c16"] = round(
+        statistics.median(r["batch16_req_per_s"] / r["batch1_req_per_s"] for r in rounds), 3
+    )
+    result["onnxruntime_cpu_ms_per_image"] = ort_cpu_per_image(fp32, read_onnx_metadata(fp32)["input_size"])
+    print("onnxruntime CPU per image", result["onnxruntime_cpu_ms_per_image"], flush=True)
+    b16 = next(r for r in runs if r["max_batch_size"] == 16 and r["concurrency"] == 16)
+    result["p99_over_p50_c16"] = round(b16["p99_ms"] / b16["p50_ms"], 2)
+
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_path", help="default: the newest runs/quickstart/version_*/checkpoints/best-*.ckpt")
@@ -300,6 +367,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="alternating batch-16 / batch-1 rounds at 16 clients")
     p.add_argument("--reps", type=int, default=40, help="onnxruntime latency repetitions at batch 1")
     p.add_argument("--skip_vit", action="store_true")
+    p.add_argument("--int8_only", action="store_true", help="only step 1's export and step 4, merged into --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks/serve_load.json"))
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -340,64 +408,10 @@ def main() -> None:
 
         trained = load_model(ckpt_path=ckpt)
         paths, targets = labelled_images(test, trained.class_names)
-        result["vision_lora_test"] = vision_lora_test(ckpt, args.data)
-        print("vision-lora test", result["vision_lora_test"], flush=True)
-
-        runs = []
-        b16_args = ["--model", str(fp32), "--max_batch_size", "16", "--batch_timeout_ms", "5"]
-        b1_args = ["--model", str(fp32), "--max_batch_size", "1"]
-        with server(*b16_args, log=tmp / "a.log") as (port, proc), server(*b1_args, log=tmp / "b.log") as (port1, p1):
-            for p in (port, port1):
-                load(p, bodies[:32], labels[:32], 4, 64, 30)  # warm-up
-            for c in args.concurrency:
-                memory = PeakMemory(proc.pid)
-                figures = load(port, bodies, labels, c, args.requests, args.max_seconds)
-                figures.update(memory.close())
-                runs.append({"max_batch_size": 16, **figures})
-                print(runs[-1], flush=True)
-            memory, wrong = PeakMemory(proc.pid), set()
-            long = load(port, bodies, labels, 16, args.long_requests, args.max_seconds * 10, wrong=wrong)
-            long.update(memory.close())
-            result["long_run"] = {"max_batch_size": 16, **long}
-            print("long", result["long_run"], flush=True)
-            # Every file is sent many times: the files ever answered wrongly must be exactly those `vision-lora test`
-            # got wrong, and the accuracy per file the same.
-            served_wrong = sorted(str(files[k].resolve()) for k in wrong)
-            tested = result["vision_lora_test"]
-            result["served_vs_test"] = {
-                "files": len(files),
-                "served_accuracy_per_file": round(1 - len(served_wrong) / len(files), 4),
-                "test_accuracy": tested["test_acc"],
-                "same_misclassified_files": served_wrong == tested["misclassified"],
-            }
-            print("served vs test", result["served_vs_test"], flush=True)
-            # Batch 16 against batch 1 at 16 clients, in alternating rounds so that the machine's drift cancels.
-            rounds = []
-            for _ in range(max(1, args.rounds)):
-                pair = [
-                    load(p, bodies, labels, 16, args.requests // 2, args.max_seconds, server_pid=pid)
-                    for p, pid in ((port, proc.pid), (port1, p1.pid))
-                ]
-                rounds.append(
-                    {
-                        "batch16_req_per_s": pair[0]["req_per_s"],
-                        "batch1_req_per_s": pair[1]["req_per_s"],
-                        "batch16_mean_batch": pair[0]["mean_batch"],
-                        "batch16_cpu_ms_per_request": pair[0]["cpu_ms_per_request"],
-                        "batch1_cpu_ms_per_request": pair[1]["cpu_ms_per_request"],
-                    }
-                )
-                print("round", rounds[-1], flush=True)
-            runs.append({"max_batch_size": 1, **pair[1]})
-        result["load"] = runs
-        result["batch_rounds_c16"] = rounds
-        result["batch16_over_batch1_throughput_c16"] = round(
-            statistics.median(r["batch16_req_per_s"] / r["batch1_req_per_s"] for r in rounds), 3
-        )
-        result["onnxruntime_cpu_ms_per_image"] = ort_cpu_per_image(fp32, read_onnx_metadata(fp32)["input_size"])
-        print("onnxruntime CPU per image", result["onnxruntime_cpu_ms_per_image"], flush=True)
-        b16 = next(r for r in runs if r["max_batch_size"] == 16 and r["concurrency"] == 16)
-        result["p99_over_p50_c16"] = round(b16["p99_ms"] / b16["p50_ms"], 2)
+        if args.int8_only:  # the serving figures of the last full run stay
+            result = {**json.loads(Path(args.out).read_text()), "int8_command": result["command"]}
+        else:
+            result.update(serving(args, ckpt, fp32, files, bodies, labels, tmp))
 
         meta = read_onnx_metadata(int8)
         result["int8"] = [
