@@ -24,6 +24,7 @@ from .adapter import save_merged
 from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
+from .preemption import Preemption
 from .reports import EvalPredictions, History, write_reports
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
@@ -318,6 +319,7 @@ class VisionLoRACLI(LightningCLI):
             LearningRateMonitor(logging_interval="epoch"),
             History(),
             EvalPredictions(),
+            Preemption(),
         ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks

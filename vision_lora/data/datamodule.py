@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..preemption import leave_sigterm_to_main
 from ..preprocess import eval_transform
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
@@ -255,6 +256,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             collate_fn=SkipBadCollate(split, self.data_config["input_size"]),
+            worker_init_fn=leave_sigterm_to_main if hp.num_workers > 0 else None,
         )
         if self.info is not None and split != "predict":
             from litdata import StreamingDataLoader

@@ -1,0 +1,125 @@
+"""Preemption, for real: SIGTERM to a running `fit` (the main process, or the whole process group with its loader
+workers), SLURM's SIGUSR1 with a stand-in `scontrol`, and a 2-process DDP run. Each must end with a resumable
+last.ckpt, a non-zero exit status and a line saying how to resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, cli_command, cli_env, run_named
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _args(image_folder, backbone_file, *extra: str) -> list[str]:
+    return [
+        "fit",
+        *FAST,
+        f"--data.root={image_folder}",
+        f"--model.weights={backbone_file('test_resnet')}",
+        "--seed_everything=7",
+        "--trainer.max_epochs=3",
+        "--data.num_workers=2",
+        "--trainer.callbacks+=helpers.SlowSteps",
+        *extra,
+    ]
+
+
+def _start(cwd: Path, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+    command = cli_command(*args, f"--trainer.logger.init_args.name={name}")
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    """Until `path` exists (the end of the first epoch), then a little longer: into the second epoch's steps."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), "the run never wrote its first checkpoint"
+    time.sleep(0.7)
+
+
+def _stop(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str, float]:
+    """Wait for the signalled run: (exit status, output, seconds it took); the whole group is killed in any case."""
+    start = time.monotonic()
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output, time.monotonic() - start
+    finally:
+        _kill_group(process.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_is_gone(pgid: int, seconds: float = 10) -> bool:
+    """No process of the group is left (loader workers, DDP ranks) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _adapter(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(tmp_path / "runs" / name / "version_0" / "adapter" / "adapter.safetensors"))
+
+
+@pytest.mark.parametrize("target", ["group", "main"])
+def test_sigterm_saves_last_exits_nonzero_and_resume_matches_an_uninterrupted_run(
+    image_folder, backbone_file, tmp_path, target
+):
+    args = _args(image_folder, backbone_file)
+    straight = _start(tmp_path, args, "straight")
+    victim = _start(tmp_path, args, "stopped")
+    try:
+        last = tmp_path / "runs" / "stopped" / "version_0" / "checkpoints" / "last.ckpt"
+        _wait_for(last, victim)
+        if target == "group":  # as preemption does: the run and its DataLoader workers
+            os.killpg(victim.pid, signal.SIGTERM)
+        else:
+            os.kill(victim.pid, signal.SIGTERM)
+        status, output, seconds = _stop(victim)
+        assert _group_is_gone(victim.pid), "processes of the stopped run are left behind"
+        assert straight.wait(timeout=300) == 0, straight.communicate()[0][-2000:]
+    finally:
+        _kill_group(straight.pid)
+        _kill_group(victim.pid)
+
+    assert status == 128 + signal.SIGTERM, output[-3000:]
+    assert seconds < 30, f"took {seconds:.1f} s to stop"
+    line = next(x for x in output.splitlines() if x.startswith("vision-lora: SIGTERM received"))
+    assert f"saved {Path('runs/stopped/version_0/checkpoints/last.ckpt')}" in line
+    assert "Resume with the same command plus --ckpt_path last --trainer.logger.init_args.version=0" in line
+    saved = torch.load(last, weights_only=True)
+    assert 5 < saved["global_step"] < 15, "the checkpoint should be the one written on SIGTERM, mid-run"
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+    resumed = run_named(tmp_path, args, "stopped", "--ckpt_path=last", "--trainer.logger.init_args.version=0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight_adapter, resumed_adapter = _adapter(tmp_path, "straight"), _adapter(tmp_path, "stopped")
+    assert straight_adapter.keys() == resumed_adapter.keys()
+    for key, value in straight_adapter.items():
+        assert torch.equal(resumed_adapter[key], value), key  # bit for bit
