@@ -123,3 +123,74 @@ def test_sigterm_saves_last_exits_nonzero_and_resume_matches_an_uninterrupted_ru
     assert straight_adapter.keys() == resumed_adapter.keys()
     for key, value in straight_adapter.items():
         assert torch.equal(resumed_adapter[key], value), key  # bit for bit
+
+
+def test_sigusr1_under_slurm_saves_last_requeues_and_the_requeued_run_resumes(image_folder, backbone_file, tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # stands in for SLURM's: records how it was called
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "lora-sweep",
+        "SLURM_NODELIST": "127.0.0.1",
+    }
+    env = {**cli_env(), **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    args = _args(image_folder, backbone_file)
+    run = _start(tmp_path, args, "slurm", env)
+    try:
+        last = tmp_path / "runs" / "slurm" / "version_0" / "checkpoints" / "last.ckpt"
+        _wait_for(last, run)
+        run.send_signal(signal.SIGUSR1)  # what `sbatch --signal=USR1@90` sends before the time limit
+        status, output, seconds = _stop(run)
+    finally:
+        _kill_group(run.pid)
+    assert status == 128 + signal.SIGUSR1, output[-3000:]
+    assert seconds < 30
+    assert "vision-lora: SIGUSR1 received: stopped after step" in output
+    assert "requeued SLURM job 4242" in output
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert 5 < torch.load(last, weights_only=True)["global_step"] < 15
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))  # nothing another run under runs/ could pick up
+
+    command = cli_command(*args, "--trainer.logger.init_args.name=slurm", "--ckpt_path=last")
+    requeued = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 15
+
+
+def test_sigterm_stops_both_ddp_ranks_with_one_checkpoint_and_no_orphans(image_folder, backbone_file, tmp_path):
+    args = _args(image_folder, backbone_file, "--trainer.devices=2", "--trainer.strategy=ddp", "--data.num_workers=1")
+    run = _start(tmp_path, args, "ddp")
+    try:
+        checkpoints = tmp_path / "runs" / "ddp" / "version_0" / "checkpoints"
+        _wait_for(checkpoints / "last.ckpt", run)
+        os.killpg(run.pid, signal.SIGTERM)  # both ranks and their loader workers
+        status, output, seconds = _stop(run, timeout=90)  # Lightning's own DDP path hangs here on gloo
+        assert _group_is_gone(run.pid), "processes of the stopped run are left behind"
+    finally:
+        _kill_group(run.pid)
+    assert status == 128 + signal.SIGTERM, output[-3000:]
+    assert seconds < 30, f"took {seconds:.1f} s to stop"
+    assert output.count("vision-lora: SIGTERM received: stopped after step") == 1  # rank 0 speaks for both
+    assert sorted(p.name for p in checkpoints.iterdir())[1:] == ["last.ckpt"]  # best-*.ckpt, last.ckpt: no strays
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert saved["global_step"] > 3  # written on SIGTERM, after the first epoch's three steps per rank
+
+
+def test_sigterm_after_weights_went_nan_keeps_the_previous_last_checkpoint(image_folder, backbone_file, tmp_path):
+    args = [*_args(image_folder, backbone_file), "--trainer.callbacks+=helpers.NanThenSigterm"]
+    result = run_named(tmp_path, args, "nan")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    line = next(x for x in result.stderr.splitlines() if x.startswith("vision-lora: SIGTERM received"))
+    assert "was not updated" in line and "holds NaN or infinite values" in line
+    saved = torch.load(tmp_path / "runs" / "nan" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5  # the end of the first epoch, the last good weights
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
