@@ -135,7 +135,7 @@ class Preemption(L.Callback):
             )
         else:
             self.path = path
-            version = getattr(trainer.logger, "version", None)
+            version = getattr(trainer.logger, "version", None) if trainer.is_global_zero else None
             which = f" --trainer.logger.init_args.version={version}" if isinstance(version, int) else ""
             self._say(
                 trainer,
