@@ -139,3 +139,10 @@ class NanThenSigterm(L.Callback):
             with torch.no_grad():
                 next(p for n, p in pl_module.named_parameters() if "lora_B" in n).fill_(float("nan"))
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FailOnFirstStep(L.Callback):
+    """Fails the test run if any training step starts (for checks that must stop a run before its first step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        raise AssertionError("a training step started")

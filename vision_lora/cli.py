@@ -26,6 +26,7 @@ from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_f
 from .module import LoRAClassifier
 from .preemption import Preemption
 from .reports import EvalPredictions, History, write_reports
+from .runs import OutputCheck
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
 
@@ -336,6 +337,7 @@ class VisionLoRACLI(LightningCLI):
             History(),
             EvalPredictions(),
             Preemption(),
+            OutputCheck(),
         ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
@@ -531,7 +533,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
+    except (ValueError, OSError, pickle.UnpicklingError) as err:  # OSError: a full disk, an unwritable folder
         if os.environ.get("VISION_LORA_TRACEBACK"):
             raise
         message = str(err)
