@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +15,6 @@ import pytest
 import torch
 from helpers import FAST, cli_command, cli_env, run_named
 from safetensors.torch import load_file
-
-pytestmark = pytest.mark.slow
 
 
 def _args(image_folder, backbone_file, *extra: str) -> list[str]:
@@ -87,6 +86,7 @@ def _adapter(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(tmp_path / "runs" / name / "version_0" / "adapter" / "adapter.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["group", "main"])
 def test_sigterm_saves_last_exits_nonzero_and_resume_matches_an_uninterrupted_run(
     image_folder, backbone_file, tmp_path, target
@@ -125,6 +125,7 @@ def test_sigterm_saves_last_exits_nonzero_and_resume_matches_an_uninterrupted_ru
         assert torch.equal(resumed_adapter[key], value), key  # bit for bit
 
 
+@pytest.mark.slow
 def test_sigusr1_under_slurm_saves_last_requeues_and_the_requeued_run_resumes(image_folder, backbone_file, tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
@@ -166,6 +167,7 @@ def test_sigusr1_under_slurm_saves_last_requeues_and_the_requeued_run_resumes(im
     assert torch.load(last, weights_only=True)["global_step"] == 15
 
 
+@pytest.mark.slow
 def test_sigterm_stops_both_ddp_ranks_with_one_checkpoint_and_no_orphans(image_folder, backbone_file, tmp_path):
     args = _args(image_folder, backbone_file, "--trainer.devices=2", "--trainer.strategy=ddp", "--data.num_workers=1")
     run = _start(tmp_path, args, "ddp")
@@ -185,6 +187,7 @@ def test_sigterm_stops_both_ddp_ranks_with_one_checkpoint_and_no_orphans(image_f
     assert saved["global_step"] > 3  # written on SIGTERM, after the first epoch's three steps per rank
 
 
+@pytest.mark.slow
 def test_sigterm_after_weights_went_nan_keeps_the_previous_last_checkpoint(image_folder, backbone_file, tmp_path):
     args = [*_args(image_folder, backbone_file), "--trainer.callbacks+=helpers.NanThenSigterm"]
     result = run_named(tmp_path, args, "nan")
@@ -194,3 +197,23 @@ def test_sigterm_after_weights_went_nan_keeps_the_previous_last_checkpoint(image
     saved = torch.load(tmp_path / "runs" / "nan" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5  # the end of the first epoch, the last good weights
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+_WORKERS_LEFT_AT_EXIT = """
+from torch.utils.data import DataLoader
+from vision_lora.preemption import leave_sigterm_to_main
+loader = DataLoader(list(range(10)), num_workers=2, persistent_workers=True, worker_init_fn=leave_sigterm_to_main)
+iterator = iter(loader)
+next(iterator)
+"""
+
+
+def test_loader_workers_still_end_when_the_main_process_exits():
+    """Workers ignore a SIGTERM to the process group, not the one multiprocessing sends them at interpreter exit."""
+    command = [sys.executable, "-c", _WORKERS_LEFT_AT_EXIT]
+    process = subprocess.Popen(command, env=cli_env(), start_new_session=True)
+    try:
+        assert process.wait(timeout=120) == 0
+        assert _group_is_gone(process.pid)
+    finally:
+        _kill_group(process.pid)

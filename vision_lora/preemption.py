@@ -8,8 +8,9 @@ changed, each because it was seen to fail:
 - Lightning exits with status 0 (`SIGTERMException` is a `SystemExit` without a code): the exception gets the code.
 - SIGTERM to the process group kills the DataLoader workers, and the main process then raises "DataLoader worker is
   killed by signal" from torch's SIGCHLD handler in the middle of a step (say, inside `backward`), where no consistent
-  checkpoint can be written: workers ignore SIGTERM (`leave_sigterm_to_main`) and exit when the main process shuts
-  them down, or, should it die, when their watchdog sees it gone.
+  checkpoint can be written: workers ignore a SIGTERM that does not come from the main process
+  (`leave_sigterm_to_main`) and exit when the main process shuts them down, or, should it die, when their watchdog
+  sees it gone.
 - Under DDP, Lightning's handler broadcasts from inside the signal handler, at whatever point each rank is: the ranks'
   collectives no longer match. Here a signal only marks the rank; the ranks agree at the end of every training step
   (one all-reduce of a flag) and stop together at the same step.
@@ -25,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,9 +42,21 @@ __all__ = ["Preemption", "leave_sigterm_to_main"]
 
 
 def leave_sigterm_to_main(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the worker ignores SIGTERM, so that a signal to the whole process group lets the
-    main process finish its step and shut the workers down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader `worker_init_fn`: a SIGTERM from anyone but the main process (a signal to the whole process group)
+    is ignored, so that the main process can finish its step and shut the worker down; a SIGTERM from the main process
+    (its shutdown, or multiprocessing's at interpreter exit) ends the worker at once, as in torch's own handler.
+
+    Python signal handlers cannot see the sender: SIGTERM is blocked and a thread takes it with `sigwaitinfo`.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="vision-lora-sigterm", daemon=True).start()
 
 
 class Preemption(L.Callback):
