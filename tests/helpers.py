@@ -125,3 +125,24 @@ class RecordKeys(L.Callback):
 
         with open(f"keys-rank{trainer.global_rank}.json", "w", encoding="utf-8") as f:
             json.dump(self.seen, f)
+
+
+class NanThenSigterm(L.Callback):
+    """At training step 7 a LoRA weight turns NaN (as after a diverging step) and the process sends itself SIGTERM."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import signal
+
+        import torch
+
+        if trainer.global_step == 7:
+            with torch.no_grad():
+                next(p for n, p in pl_module.named_parameters() if "lora_B" in n).fill_(float("nan"))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FailOnFirstStep(L.Callback):
+    """Fails the test run if any training step starts (for checks that must stop a run before its first step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        raise AssertionError("a training step started")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import uuid
@@ -11,7 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .inject import LoRAConfig, apply_lora, lora_layers, qkv_layout, trainable_names
@@ -28,6 +31,7 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "save_merged",
+    "torch_bytes",
 ]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -41,24 +45,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write a file so that a crash at any moment leaves either the old file or the new one, never a torn one.
 
     `write(tmp_path)` writes to a temporary file in the same directory, which is fsynced and renamed over `path`.
+
+    Raises:
+        OSError: the write failed (disk full, file-size limit, read-only or missing folder); the message names `path`
+            and the cause, and the file that was at `path` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, honours the umask
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, honours the umask
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> OSError:
+    """A one-line OSError naming `path` and the cause, in the errno's words: "could not write runs/a.ckpt: No space
+    left on device (ENOSPC); the file there before, if any, is unchanged"."""
+    cause = err.strerror or str(err)
+    if err.errno in errno.errorcode:
+        cause += f" ({errno.errorcode[err.errno]})"
+    error = OSError(f"could not write {path}: {cause}; the file there before, if any, is unchanged")
+    error.errno = err.errno  # not strerror / filename: OSError would then print those instead of the message
+    return error
+
+
+def torch_bytes(obj: object) -> bytes:
+    """`torch.save` into memory, so that writing the file is a plain write whose errors carry an errno (torch's own
+    file writer reports them without one)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def package_versions() -> dict[str, str]:
@@ -145,7 +175,8 @@ def save_adapter(
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"Refusing to write an adapter to {directory}: {key} holds NaN or infinite values.")
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    data = safetensors_bytes(state, metadata={"format": "pt"})
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: Path(tmp).write_bytes(data))
     text = json.dumps(info, indent=2, ensure_ascii=False)
     atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
@@ -270,7 +301,8 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     state = merged_state_dict(model)
     if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        data = safetensors_bytes(state, metadata={"format": "pt"})
     else:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        data = torch_bytes(state)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return path

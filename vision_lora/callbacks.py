@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from .adapter import atomic_write, save_adapter
+from .adapter import atomic_write, save_adapter, torch_bytes
 
 __all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
 
@@ -44,7 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for key, value in checkpoint.get("state_dict", {}).items():
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"Refusing to write {path}: {key} holds NaN or infinite values (training diverged).")
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        data = torch_bytes(checkpoint)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if not Path(path).is_file():

@@ -24,7 +24,9 @@ from .adapter import save_merged
 from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
+from .preemption import Preemption
 from .reports import EvalPredictions, History, write_reports
+from .runs import OutputCheck
 
 __all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
 
@@ -176,18 +178,27 @@ class VisionLoRATrainer(L.Trainer):
 
 
 def _resolve_last_checkpoint(config) -> None:
-    """Turn `fit --ckpt_path last` into the newest `last.ckpt` of this run's logger (or checkpoint dirpath) and keep
-    logging into that run's version directory.
+    """Turn `fit --ckpt_path last` into the `last.ckpt` of this run and keep logging into that run's version folder.
 
+    The run is the logger's `version` when given (the line printed on preemption gives it), else the only version
+    under `<save_dir>/<name>` that has a last.ckpt: in a sweep, never the newest last.ckpt of some other run.
     Lightning alone would look for "last" only in the new run's (empty) directory and silently start from scratch.
+
+    Raises:
+        ValueError: several versions have a last.ckpt and none was chosen.
     """
     logger = config.trainer.get("logger")
     init_args = getattr(logger, "init_args", None)
+    version = init_args.get("version") if init_args is not None else None
     if config.checkpoint.get("dirpath"):
         candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
     elif init_args is not None and init_args.get("save_dir") is not None:
         root = Path(init_args.save_dir) / (init_args.get("name") or "lightning_logs")
-        candidates = list(root.glob("version_*/checkpoints/last.ckpt"))
+        if version is not None:
+            run = root / (version if isinstance(version, str) else f"version_{version}")
+            candidates = [run / "checkpoints" / "last.ckpt"]
+        else:
+            candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"))
     else:
         candidates = [Path(config.trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"]
     candidates = [c for c in candidates if c.is_file()]
@@ -195,7 +206,13 @@ def _resolve_last_checkpoint(config) -> None:
         rank_zero_warn("--ckpt_path last: no last.ckpt of this run exists yet; starting a new run.")
         config.ckpt_path = None
         return
-    last = max(candidates, key=lambda c: c.stat().st_mtime)
+    if len(candidates) > 1:
+        versions = ", ".join(c.parent.parent.name for c in candidates)
+        raise ValueError(
+            f"--ckpt_path last: several runs under {root} have a last.ckpt ({versions}); choose yours with "
+            f"--trainer.logger.init_args.version=N (or give each run its own --trainer.logger.init_args.name)."
+        )
+    last = candidates[0]
     config.ckpt_path = str(last)
     version_dir = last.parent.parent
     if init_args is not None and version_dir.name.startswith("version_") and not config.checkpoint.get("dirpath"):
@@ -281,6 +298,7 @@ def resolve_checkpoint(which: str, runs_dir: str | Path) -> Path:
     return last
 
 
+_LIGHTNING_CSV = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 _LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
 _DEFAULT_BACKBONE = inspect.signature(LoRAClassifier).parameters["backbone"].default
 
@@ -318,6 +336,8 @@ class VisionLoRACLI(LightningCLI):
             LearningRateMonitor(logging_interval="epoch"),
             History(),
             EvalPredictions(),
+            Preemption(),
+            OutputCheck(),
         ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
@@ -368,6 +388,9 @@ class VisionLoRACLI(LightningCLI):
                 f"{config.ckpt_path} was trained on {stored!r} but model.backbone is {requested!r}; leave "
                 f"model.backbone out (the checkpoint sets it) or pass a checkpoint of {requested!r}."
             )
+        logger = config.trainer.get("logger")
+        if getattr(logger, "class_path", None) in _LIGHTNING_CSV:  # its version pick races, and it deletes metrics.csv
+            logger.class_path = "vision_lora.runs.RunLogger"
         if self.config.get("subcommand") == "fit" and config.get("ckpt_path") == "last":
             _resolve_last_checkpoint(config)
 
@@ -431,7 +454,7 @@ class VisionLoRACLI(LightningCLI):
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "logger": {"class_path": "vision_lora.runs.RunLogger", "init_args": {"save_dir": "runs"}},
 }
 
 
@@ -510,7 +533,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
+    except (ValueError, OSError, pickle.UnpicklingError) as err:  # OSError: a full disk, an unwritable folder
         if os.environ.get("VISION_LORA_TRACEBACK"):
             raise
         message = str(err)

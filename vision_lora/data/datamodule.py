@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .. import preprocess as preprocessing  # the module, not its names: it imports .decode, hence this package
+from ..preemption import leave_sigterm_to_main
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -255,6 +256,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             collate_fn=SkipBadCollate(split, self.data_config["input_size"]),
+            worker_init_fn=leave_sigterm_to_main if hp.num_workers > 0 else None,
         )
         if self.info is not None and split != "predict":
             from litdata import StreamingDataLoader
