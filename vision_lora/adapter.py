@@ -198,6 +198,8 @@ def _check_qkv_layouts(model: nn.Module, info: dict, directory: str | os.PathLik
     Format 1 files took the q, k, v slices of every Linear named `qkv` with 3·d outputs as row thirds; that is right
     only where the attention lays its projection out as [all q | all k | all v].
     """
+    if info["lora_config"].get("qkv_slices") == "fused":  # one LoRA over every row: no layout to agree on
+        return
     modules = dict(model.named_modules())
     recorded = info.get("qkv_layouts", {})
     for name in info["adapted_modules"]:

@@ -231,6 +231,9 @@ def _peft_matches(name: str, target_modules: str | list[str]) -> bool:
 
 
 def _closest(name: str, candidates: list[str]) -> str:
+    """The module names (or last name parts, as PEFT's list entries usually are) most like `name`."""
+    if "." not in name:
+        candidates = sorted({c.rpartition(".")[2] for c in candidates})
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.3)
     return ", ".join(close) if close else ", ".join(candidates[:3])
 
