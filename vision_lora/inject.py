@@ -23,6 +23,7 @@ __all__ = [
     "classifier_names",
     "describe_targets",
     "lora_layers",
+    "lora_report",
     "mark_trainable",
     "merge_lora",
     "remove_lora",
@@ -697,7 +698,8 @@ def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
                 _freeze_norm_stats(m)
 
 
-def _report(model: nn.Module) -> LoRAReport:
+def lora_report(model: nn.Module) -> LoRAReport:
+    """The report of the LoRA layers of `model`: one row per adapted module, trainable / total parameters."""
     rows = []
     for name, layer in lora_layers(model).items():
         w = layer.base_layer.weight
@@ -759,7 +761,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
         _set_submodule(model, name, layer)
     model.lora_config = config
     mark_trainable(model, config)
-    report = _report(model)
+    report = lora_report(model)
     report.skipped = skipped
     return report
 
