@@ -292,3 +292,55 @@ def test_peft_adapter_trains_on_and_merges(tmp_path, peft_dir):
     merged = merge_lora(again)
     with torch.no_grad():
         assert _rel(merged(x), expected) <= 1e-5
+
+
+# -- real families (slow): ViT, Swin v1, ConvNeXt, EfficientNet, ResNet; BEiT / EVA / SwinV2 against PEFT merged ----
+
+# PEFT's unmerged model ignores qkv adapters where attention reads `qkv.weight` directly: compare with its merged one.
+_WEIGHT_READERS = {"beit_base_patch16_224", "eva02_tiny_patch14_224", "swinv2_tiny_window8_256"}
+_FAMILIES = [
+    ("vit_small_patch16_224", dict(r=4, lora_alpha=8, use_dora=True)),
+    ("swin_tiny_patch4_window7_224", dict(r=4, lora_alpha=8, use_rslora=True)),
+    ("convnext_tiny", dict(r=4, lora_alpha=8, use_dora=True)),
+    ("efficientnet_b0", dict(r=4, lora_alpha=8)),
+    ("resnet18", dict(r=4, lora_alpha=8, use_dora=True)),
+    ("beit_base_patch16_224", dict(r=4, lora_alpha=8, use_dora=True)),
+    ("eva02_tiny_patch14_224", dict(r=4, lora_alpha=8)),
+    ("swinv2_tiny_window8_256", dict(r=4, lora_alpha=8, use_dora=True)),
+]
+
+
+@pytest.mark.slow
+def test_real_families_round_trip_through_peft(tmp_path):
+    models, jobs = [], []
+    for i, (name, config) in enumerate(_FAMILIES):
+        model = _adapted(name, seed=i, **config)
+        save_adapter(model, tmp_path / f"adapter{i}", format="peft")
+        models.append(model)
+        jobs.append(_job(tmp_path, i, model, name, "load"))
+    # ... and PEFT's own adapters of the same families, read back.
+    peft_made = []
+    for i, (name, config) in enumerate(_FAMILIES, start=len(jobs)):
+        targets = json.loads((tmp_path / f"adapter{i - len(_FAMILIES)}" / "adapter_config.json").read_text())
+        peft_config = {
+            "r": config["r"],
+            "lora_alpha": config["lora_alpha"],
+            "use_dora": config.get("use_dora", False),
+            "use_rslora": config.get("use_rslora", False),
+            "target_modules": targets["target_modules"],
+            "modules_to_save": targets["modules_to_save"],
+        }
+        peft_made.append(_job(tmp_path, i, models[i - len(_FAMILIES)], name, "make", config=peft_config, seed=i))
+    outs = _run_side(tmp_path, jobs + peft_made)
+    for model, job, out in zip(models, jobs, outs[: len(jobs)], strict=True):
+        with torch.no_grad():
+            ours = model(load_file(job["x"])["x"])
+        reference = out["merged"] if job["model"] in _WEIGHT_READERS else out["logits"]
+        assert _rel(reference, ours) <= 1e-5, job["model"]
+        assert _rel(out["merged"], ours) <= 1e-5, job["model"]
+    for job, out in zip(peft_made, outs[len(jobs) :], strict=True):
+        model = load_adapter(_base(job["model"]), job["adapter"])
+        with torch.no_grad():
+            ours = model(load_file(job["x"])["x"])
+        reference = out["merged"] if job["model"] in _WEIGHT_READERS else out["logits"]
+        assert _rel(ours, reference) <= 1e-5, job["model"]
