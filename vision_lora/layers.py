@@ -301,18 +301,17 @@ class LoRALayer(nn.Module):
         b, a = self._factors()
         return (b @ a * self.scaling).view_as(self.base_layer.weight)
 
-    def _rescale(self, v: Tensor) -> Tensor:
-        """DoRA: m · V / ‖V‖ on the adapted rows of V (out, fan_in), the norm a constant; differentiable in V and m."""
+    def _effective_weight(self, w: Tensor, b: Tensor, a: Tensor, magnitude: Tensor | None) -> Tensor:
+        """W + s·B·A; with DoRA, m · V / ‖V‖ on the adapted rows of V = W + s·B·A, the norm a constant. Computed in
+        the dtype of the arguments, differentiable in A, B and m."""
+        v = torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling)  # V: (out, fan_in)
+        if magnitude is None:
+            return v.view_as(w)
         rows = self._dora_rows()
         vr = v if rows is None else v[rows]  # (R, fan_in)
         norm = torch.linalg.vector_norm(vr.detach(), dim=1, dtype=torch.float32)  # (R,)
-        c = (self.lora_magnitude.to(torch.float32) / norm).to(v.dtype)[:, None]  # (R, 1)
-        return vr * c if rows is None else v.index_copy(0, rows, vr * c)
-
-    def _effective_weight(self, w: Tensor, b: Tensor, a: Tensor) -> Tensor:
-        """W + s·B·A, and with DoRA its rows rescaled; computed in the dtype of the arguments."""
-        v = torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling)  # W + s·B·A in one op
-        return (self._rescale(v) if self.use_dora else v).view_as(w)
+        c = (magnitude.to(torch.float32) / norm).to(v.dtype)[:, None]  # (R, 1)
+        return (vr * c if rows is None else v.index_copy(0, rows, vr * c)).view_as(w)
 
     @property
     def bias(self) -> Tensor | None:
@@ -328,7 +327,7 @@ class LoRALayer(nn.Module):
         w = self.base_layer.weight
         if self.merged:
             return w
-        return self._effective_weight(w, *self._factors())
+        return self._effective_weight(w, *self._factors(), self.lora_magnitude)
 
     def _folded_weight(self) -> Tensor:
         """`weight`, cached while autograd is off and no parameter has changed since it was computed."""
@@ -382,14 +381,8 @@ class LoRALayer(nn.Module):
         if self.merged:
             return w.detach().clone()
         b, a = self._factors()
-        magnitude = self.lora_magnitude
-        if magnitude is not None:  # the rescale below runs in float32 too
-            self.lora_magnitude = nn.Parameter(magnitude.float(), requires_grad=False)
-        try:
-            merged = self._effective_weight(w.float(), b.float(), a.float())
-        finally:
-            if magnitude is not None:
-                self.lora_magnitude = magnitude
+        m = self.lora_magnitude.float() if self.lora_magnitude is not None else None
+        merged = self._effective_weight(w.float(), b.float(), a.float(), m)
         merged_cast = merged.to(w.dtype)
         if not torch.isfinite(merged_cast).all():
             what = "overflows" if torch.isfinite(merged).all() else "is not finite"
