@@ -311,16 +311,22 @@ def child_layer(args) -> dict:
     cases = {
         "qkv Linear 384->1152, 3152 tokens": (nn.Linear(384, 1152), torch.randn(16, 197, 384)),
         "1x1 Conv2d 112->672, 14x14": (nn.Conv2d(112, 672, 1, bias=False), torch.randn(16, 112, 14, 14)),
+        "1x1 Conv2d 112->672, 14x14, channels-last": (
+            nn.Conv2d(112, 672, 1, bias=False).to(memory_format=torch.channels_last),
+            torch.randn(16, 112, 14, 14).contiguous(memory_format=torch.channels_last),
+        ),
     }
     out = {}
     for name, (layer, x0) in cases.items():
         frozen = One(layer).requires_grad_(False)
-        peft = get_peft_model(
-            copy.deepcopy(frozen), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"])
-        )
-        ours = copy.deepcopy(frozen)
-        apply_lora(ours, LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"]))
-        models = {"frozen": frozen, "peft": peft.train(), "vlora": ours.train()}
+        models = {"frozen": frozen}
+        for dora in (False, True):
+            suffix = "_dora" if dora else ""
+            config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"], use_dora=dora)
+            models[f"peft{suffix}"] = get_peft_model(copy.deepcopy(frozen), config).train()
+            ours = copy.deepcopy(frozen)
+            apply_lora(ours, LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"], use_dora=dora))
+            models[f"vlora{suffix}"] = ours.train()
         times = {k: [] for k in models}
         for _ in range(args.layer_reps):
             for k, m in models.items():
@@ -331,7 +337,7 @@ def child_layer(args) -> dict:
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {
             "ms": {k: v * 1e3 for k, v in med.items()},
-            "overhead_ms": {k: (med[k] - med["frozen"]) * 1e3 for k in ("peft", "vlora")},
+            "overhead_ms": {k: (med[k] - med["frozen"]) * 1e3 for k in models if k != "frozen"},
         }
     return out
 
