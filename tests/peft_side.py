@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 
 def _base(job: dict) -> torch.nn.Module:
-    model = timm.create_model(job["model"], num_classes=job["num_classes"])
+    model = timm.create_model(job["model"], num_classes=job["num_classes"], **job.get("kwargs", {}))
     model.load_state_dict(load_file(job["base"]))
     return model.eval()
 
