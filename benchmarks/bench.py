@@ -65,13 +65,15 @@ def _build(model_name: str, variant: str, num_classes: int, r: int, alpha: float
     elif variant in ("head", "floor"):
         for n, p in model.named_parameters():
             p.requires_grad_(any(n.startswith(h + ".") for h in head))
-    elif variant == "peft":
+    elif variant.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=_targets(model), modules_to_save=head)
+        dora = variant == "peft_dora"
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=_targets(model), modules_to_save=head, use_dora=dora)
         model = get_peft_model(model, config)
     elif variant.startswith("vlora"):
-        apply_lora(model, LoRAConfig(r=r, lora_alpha=alpha, qkv_slices="qkv" if "qkv" in variant else "qv"))
+        slices = "qkv" if "qkv" in variant else "qv"
+        apply_lora(model, LoRAConfig(r=r, lora_alpha=alpha, qkv_slices=slices, use_dora="dora" in variant))
         if variant.endswith("_gc"):
             model.set_grad_checkpointing(True)
     else:
@@ -197,6 +199,12 @@ def child_infer(args) -> dict:
     for layer in lora_layers(vl).values():
         torch.nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter is not zero
     vl_merged = merge_lora(copy.deepcopy(vl))
+    dora = copy.deepcopy(base)
+    apply_lora(dora, LoRAConfig(r=args.r, lora_alpha=args.alpha, use_dora=True))
+    with torch.no_grad():
+        for layer in lora_layers(dora).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.01)
+            layer.lora_magnitude.mul_(1.05)
     cfg = LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
@@ -210,6 +218,7 @@ def child_infer(args) -> dict:
         "base": base,
         "vlora_unmerged": vl.eval(),
         "vlora_merged": vl_merged.eval(),
+        "vlora_dora_unmerged": dora.eval(),
         "peft_unmerged": pf,
         "peft_merged": pf_merged,
     }
@@ -302,16 +311,22 @@ def child_layer(args) -> dict:
     cases = {
         "qkv Linear 384->1152, 3152 tokens": (nn.Linear(384, 1152), torch.randn(16, 197, 384)),
         "1x1 Conv2d 112->672, 14x14": (nn.Conv2d(112, 672, 1, bias=False), torch.randn(16, 112, 14, 14)),
+        "1x1 Conv2d 112->672, 14x14, channels-last": (
+            nn.Conv2d(112, 672, 1, bias=False).to(memory_format=torch.channels_last),
+            torch.randn(16, 112, 14, 14).contiguous(memory_format=torch.channels_last),
+        ),
     }
     out = {}
     for name, (layer, x0) in cases.items():
         frozen = One(layer).requires_grad_(False)
-        peft = get_peft_model(
-            copy.deepcopy(frozen), LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"])
-        )
-        ours = copy.deepcopy(frozen)
-        apply_lora(ours, LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"]))
-        models = {"frozen": frozen, "peft": peft.train(), "vlora": ours.train()}
+        models = {"frozen": frozen}
+        for dora in (False, True):
+            suffix = "_dora" if dora else ""
+            config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"], use_dora=dora)
+            models[f"peft{suffix}"] = get_peft_model(copy.deepcopy(frozen), config).train()
+            ours = copy.deepcopy(frozen)
+            apply_lora(ours, LoRAConfig(r=args.r, lora_alpha=args.alpha, target_modules=["qkv"], use_dora=dora))
+            models[f"vlora{suffix}"] = ours.train()
         times = {k: [] for k in models}
         for _ in range(args.layer_reps):
             for k, m in models.items():
@@ -322,7 +337,7 @@ def child_layer(args) -> dict:
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {
             "ms": {k: v * 1e3 for k, v in med.items()},
-            "overhead_ms": {k: (med[k] - med["frozen"]) * 1e3 for k in ("peft", "vlora")},
+            "overhead_ms": {k: (med[k] - med["frozen"]) * 1e3 for k in models if k != "frozen"},
         }
     return out
 
@@ -404,15 +419,18 @@ def _ratios(train: dict, ckpt: dict, infer: dict) -> dict:
     mem = {k: v["train_rss_growth_mb"] for k, v in train.items()}
     out = {}
     if train:
-        for a, b in (("floor", "full"), ("peft", "full"), ("vlora", "full"), ("vlora", "peft")):
+        pairs = [("floor", "full"), ("peft", "full"), ("vlora", "full"), ("vlora", "peft"), ("vlora", "floor")]
+        pairs += [("vlora_dora", "vlora"), ("peft_dora", "vlora"), ("peft_dora", "peft"), ("vlora_dora", "floor")]
+        for a, b in pairs:
             out[f"{a}_step/{b}_step"] = _paired(train, a, b)
         out["vlora_train_mem/peft_train_mem"] = _ratio(mem.get("vlora", 0), mem.get("peft", 0))
         out["vlora_gc_train_mem/peft_train_mem"] = _ratio(mem.get("vlora_gc", 0), mem.get("peft", 0))
     for k in ckpt:
         out[f"{k}_ckpt/trainable+adam"] = _ratio(ckpt[k]["ckpt_bytes"], ckpt[k]["trainable_bytes_with_adam"])
     for batch, t in infer.items():
-        for k in ("vlora_unmerged", "vlora_merged", "peft_unmerged", "peft_merged"):
-            out[f"{k}/base@{batch}"] = _ratio(t[k], t["base"])
+        for k in ("vlora_unmerged", "vlora_merged", "vlora_dora_unmerged", "peft_unmerged", "peft_merged"):
+            if k in t:
+                out[f"{k}/base@{batch}"] = _ratio(t[k], t["base"])
     return out
 
 
@@ -462,7 +480,8 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=TRAIN_VARIANTS,
-        help=f"training variants: {TRAIN_VARIANTS}, vlora_qkv (all of q, k, v), full_cl (channels-last)",
+        help=f"training variants: {TRAIN_VARIANTS}, vlora_qkv (all of q, k, v), full_cl (channels-last), vlora_dora "
+        "and peft_dora (DoRA)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)

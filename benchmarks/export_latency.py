@@ -21,8 +21,7 @@ import onnxruntime as ort
 import torch
 
 from vision_lora import merge_lora, read_adapter_config
-from vision_lora.adapter import build_from_adapter
-from vision_lora.export import export_onnx
+from vision_lora.export import build_from_adapter, export_onnx
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -170,6 +171,9 @@ def test_print_config_lists_every_option(capsys):
         "lora_alpha:",
         "target_modules:",
         "qkv_slices:",
+        "use_dora:",
+        "rank_pattern:",
+        "init_adapter:",
         "batch_size:",
         "max_bad_fraction:",
         "monitor: val_acc",
@@ -252,6 +256,34 @@ def test_export_from_checkpoint_and_adapter(image_folder, backbone_file, tmp_pat
         logits = ort.InferenceSession(name, providers=["CPUExecutionProvider"]).run(["logits"], {"input": x.numpy()})
         assert abs(logits[0] - expected.numpy()).max() < 1e-4
         assert (logits[0].argmax(1) == expected.numpy().argmax(1)).all()
+
+
+def test_dora_fit_exports_to_onnx_and_peft_and_a_peft_adapter_trains_on(
+    image_folder, backbone_file, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from vision_lora.export import load_model
+
+    monkeypatch.chdir(tmp_path)
+    weights = backbone_file("test_resnet")
+    args = [*FAST, f"--model.weights={weights}", f"--data.root={image_folder}", "--trainer.max_epochs=1"]
+    main(["fit", *args, "--model.use_dora=true", '--model.rank_pattern={"layer1": 2}'])
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["lora_config"]["use_dora"] and adapter["lora_config"]["rank_pattern"] == {"layer1": 2}
+    main(["export", "--adapter", str(run / "adapter"), "--output", "dora.onnx"])
+    main(["export", "--adapter", str(run / "adapter"), "--output", "peft", "--format", "peft"])
+    tensors = load_file("peft/adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors)
+
+    # The PEFT adapter is a starting point: fit on it, and the run's adapter exports as usual.
+    main(["fit", *args, "--model.init_adapter=peft", "--trainer.max_epochs=1"])
+    second = tmp_path / "runs" / "lightning_logs" / "version_1"
+    trained = load_model(adapter=second / "adapter")
+    assert trained.model.lora_config.use_dora and trained.model.lora_config.qkv_slices == "fused"
+    main(["export", "--adapter", str(second / "adapter"), "--output", "again.onnx"])
+    assert Path("again.onnx").is_file()
 
 
 def test_export_needs_exactly_one_source(tmp_path, monkeypatch, capsys):

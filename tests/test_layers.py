@@ -298,3 +298,182 @@ def test_conv_layer_in_channels_last_format():
         torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
     layer.merge()
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- DoRA -------------------------------------------------------------------------------------------------------------
+
+
+def _dora_randomize(layer):
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+        layer.lora_magnitude.mul_(1.0 + 0.2 * torch.randn_like(layer.lora_magnitude))
+    return layer
+
+
+def _peft_twin(ours, **kwargs):
+    """PEFT's own DoRA layer around a copy of our base layer, with our A, B and magnitude."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.tuners.lora import layer as peft_layer
+
+    base = copy.deepcopy(ours.base_layer)
+    config = LoraConfig(r=ours.r, lora_alpha=ours.lora_alpha, use_dora=True, **kwargs)
+    cls = peft_layer.Conv2d if isinstance(base, nn.Conv2d) else peft_layer.Linear
+    twin = cls(base, "default", config=config, r=ours.r, lora_alpha=ours.lora_alpha, use_dora=True, **kwargs)
+    with torch.no_grad():
+        twin.lora_A["default"].weight.copy_(ours.lora_A.view_as(twin.lora_A["default"].weight))
+        twin.lora_B["default"].weight.copy_(ours.lora_B.view_as(twin.lora_B["default"].weight))
+        m = twin.lora_magnitude_vector["default"].weight
+        m.copy_(ours.lora_magnitude.view_as(m))
+    return twin
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: LoRALinear(nn.Linear(12, 20), 4, 8, use_dora=True), (2, 5, 12)),
+        (lambda: LoRALinear(nn.Linear(12, 20), 4, 8, use_rslora=True, use_dora=True), (2, 5, 12)),
+        (lambda: LoRAConv2d(nn.Conv2d(8, 16, 1), 4, 8, use_dora=True), (2, 8, 5, 5)),
+        (lambda: LoRAConv2d(nn.Conv2d(8, 16, 3, stride=2, padding=1), 4, 8, use_dora=True), (2, 8, 9, 9)),
+    ],
+    ids=["linear", "linear-rslora", "conv1x1", "conv3x3"],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dora_equals_peft_dora_in_outputs_and_gradients(make, shape, channels_last):
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels-last is a conv layout")
+    ours = _dora_randomize(make())
+    twin = _peft_twin(ours, use_rslora=ours.use_rslora)
+    x = torch.randn(*shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for mode in (True, False):
+        ours.train(mode)
+        twin.train(mode)
+        torch.testing.assert_close(ours(x), twin(x), rtol=1e-5, atol=1e-5)
+    ours.train()
+    twin.train()
+    ours(x).pow(2).sum().backward()
+    twin(x).pow(2).sum().backward()
+    pairs = [
+        (ours.lora_A, twin.lora_A["default"].weight),
+        (ours.lora_B, twin.lora_B["default"].weight),
+        (ours.lora_magnitude, twin.lora_magnitude_vector["default"].weight),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got.grad.view_as(want.grad), want.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoRALinear(nn.Linear(12, 20), 4, 8, use_dora=True),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qv", use_dora=True),
+        lambda: LoRAQKVLinear(nn.Linear(12, 44), 2, 6, slices="qv", layout=QKVLayout(4, 3, 3, 5), use_dora=True),
+        lambda: LoRAConv2d(nn.Conv2d(8, 16, 3, padding=1), 4, 8, use_dora=True),
+        lambda: LoRAConv2d(Conv2dSame(8, 16, 3, stride=2), 4, 8, use_dora=True),
+    ],
+    ids=["linear", "qkv", "per-head-qkv", "conv3x3", "conv-same"],
+)
+def test_fresh_dora_layer_is_the_base_layer_and_merges_exactly(make):
+    layer = make()
+    conv = isinstance(layer, LoRAConv2d)
+    x = torch.randn(2, 8, 9, 9) if conv else torch.randn(2, 5, 12)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), layer.base_layer(x), rtol=1e-6, atol=1e-6)
+    _dora_randomize(layer).eval()
+    original = layer.base_layer.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, original)
+    torch.testing.assert_close(layer(x), unmerged)
+
+
+@pytest.mark.parametrize("layout", [None, QKVLayout(4, 3, 3, 5)], ids=["thirds", "per-head"])
+def test_qkv_dora_rescales_only_the_adapted_rows(layout):
+    out = 44 if layout else 36
+    layer = _dora_randomize(LoRAQKVLinear(nn.Linear(12, out), 2, 4, slices="v", layout=layout, use_dora=True))
+    w = layer.base_layer.weight
+    rows = layer.layout.rows("v")
+    v = w + layer.delta_weight()
+    expected = w.detach().clone()
+    expected[rows] = layer.lora_magnitude[:, None] * v[rows] / v[rows].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer.weight, expected)
+    others = torch.ones(out, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(layer.weight[others], w[others])
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer.train()(x), nn.functional.linear(x, expected, layer.base_layer.bias))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoRALinear(nn.Linear(12, 20), 4, 8, use_dora=True),
+        lambda: LoRAQKVLinear(nn.Linear(12, 36), 3, 6, slices="qv", use_dora=True),
+        lambda: LoRAQKVLinear(nn.Linear(12, 44), 2, 6, slices="qkv", layout=QKVLayout(4, 3, 3, 5), use_dora=True),
+        lambda: LoRAConv2d(nn.Conv2d(12, 20, 1), 4, 8, use_dora=True),
+        lambda: LoRAConv2d(nn.Conv2d(12, 20, 1), 4, 8),
+    ],
+    ids=["linear", "qkv", "per-head-qkv", "conv1x1", "conv1x1-lora"],
+)
+def test_dora_fused_training_path_has_the_gradients_of_the_weight_formula(make):
+    """The one-GEMM DoRA backward (and the channels-last 1×1 conv path) against autograd through `.weight`."""
+    layer = make()
+    if layer.use_dora:
+        _dora_randomize(layer)
+    else:
+        _randomize(layer)
+    layer.train()
+    conv = isinstance(layer, LoRAConv2d)
+    x = torch.randn(2, 12, 4, 5).contiguous(memory_format=torch.channels_last) if conv else torch.randn(2, 5, 12)
+    x.requires_grad_(True)
+    params = [x, *(p for n, p in layer.named_parameters() if "lora_" in n)]
+    layer(x).pow(2).sum().backward()
+    fast = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    w, b = layer.weight, layer.base_layer.bias
+    plain = nn.functional.conv2d(x, w, b) if conv else nn.functional.linear(x, w, b)
+    plain.pow(2).sum().backward()
+    for got, param in zip(fast, params, strict=True):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_with_dropout_trains_and_matches_in_eval():
+    layer = _dora_randomize(LoRAConv2d(nn.Conv2d(4, 8, 3), 2, 4, lora_dropout=0.5, use_dora=True))
+    x = torch.randn(2, 4, 7, 7)
+    layer.train()(x).sum().backward()
+    assert layer.lora_magnitude.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0
+    twin = _peft_twin(layer, lora_dropout=0.5)
+    torch.testing.assert_close(layer.eval()(x), twin.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_norm_overflow_in_fp16_is_refused():
+    base = nn.Linear(64, 8).half()
+    with torch.no_grad():
+        base.weight.fill_(10000.0)  # each row norm is 80000, beyond fp16's 65504
+    before = base.weight.clone()
+    with pytest.raises(ValueError, match="DoRA.*overflows"):
+        LoRALinear(base, 2, 4, use_dora=True)
+    assert torch.equal(base.weight, before)
+
+
+def test_dora_training_path_under_bf16_autocast():
+    layer = _dora_randomize(LoRAQKVLinear(nn.Linear(16, 48), 4, 8, use_dora=True)).train()
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_magnitude.grad.dtype == torch.float32 and torch.isfinite(layer.lora_magnitude.grad).all()
+    torch.testing.assert_close(y.float(), nn.functional.linear(x, layer.weight, layer.bias), rtol=2e-2, atol=2e-2)
+
+
+def test_dora_magnitude_is_a_lora_parameter():
+    layer = LoRAQKVLinear(nn.Linear(12, 36), 2, 4, slices="qv", use_dora=True)
+    assert layer.lora_magnitude.shape == (24,)
+    assert all("lora_" in n for n, p in layer.named_parameters() if not n.startswith("base_layer."))

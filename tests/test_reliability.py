@@ -18,7 +18,7 @@ import yaml
 from helpers import FAST, cli_command, cli_env, run_named, start_named
 from safetensors.torch import load_file
 
-from vision_lora.adapter import atomic_write
+from vision_lora._io import atomic_write
 from vision_lora.cli import main
 
 
@@ -69,7 +69,7 @@ def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image
 
 _TORN_WRITE = """
 import os, signal, sys, torch
-from vision_lora.adapter import atomic_write
+from vision_lora._io import atomic_write
 
 def half_then_die(tmp):
     with open(tmp, "wb") as f:

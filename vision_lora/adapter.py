@@ -1,37 +1,32 @@
-"""Adapter files (safetensors + JSON, never pickle) and merged plain-timm checkpoints; crash-safe writes."""
+"""Adapter files: vision_lora's own (safetensors + JSON, never pickle) and, through `peft_format`, Hugging Face
+PEFT's; merged plain-timm checkpoints."""
 
 from __future__ import annotations
 
-import errno
-import io
 import json
 import os
-import uuid
-from collections.abc import Callable
+import re
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .inject import LoRAConfig, apply_lora, lora_layers, qkv_layout, trainable_names
+from . import peft_format
+from ._io import atomic_write, load_safetensors, model_name, package_versions, torch_bytes
+from .inject import LoRAConfig, apply_lora, lora_layers, qkv_layout, remove_lora, trainable_names
 from .layers import LoRAQKVLinear
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "adapter_state_dict",
-    "atomic_write",
-    "build_from_adapter",
     "load_adapter",
     "merged_state_dict",
     "read_adapter_config",
     "save_adapter",
     "save_merged",
-    "torch_bytes",
 ]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -39,82 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # 2: records `qkv_layouts`, the q/k/v rows of each fused projection. 1 (read, checked): q, k, v were row thirds.
 _FORMAT = "vision_lora.adapter/2"
 _FORMAT_V1 = "vision_lora.adapter/1"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file so that a crash at any moment leaves either the old file or the new one, never a torn one.
-
-    `write(tmp_path)` writes to a temporary file in the same directory, which is fsynced and renamed over `path`.
-
-    Raises:
-        OSError: the write failed (disk full, file-size limit, read-only or missing folder); the message names `path`
-            and the cause, and the file that was at `path` is unchanged.
-    """
-    path = Path(path)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, honours the umask
-        try:
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        raise write_error(path, err) from err
-
-
-def write_error(path: str | os.PathLike, err: OSError) -> OSError:
-    """A one-line OSError naming `path` and the cause, in the errno's words: "could not write runs/a.ckpt: No space
-    left on device (ENOSPC); the file there before, if any, is unchanged"."""
-    cause = err.strerror or str(err)
-    if err.errno in errno.errorcode:
-        cause += f" ({errno.errorcode[err.errno]})"
-    error = OSError(f"could not write {path}: {cause}; the file there before, if any, is unchanged")
-    error.errno = err.errno  # not strerror / filename: OSError would then print those instead of the message
-    return error
-
-
-def torch_bytes(obj: object) -> bytes:
-    """`torch.save` into memory, so that writing the file is a plain write whose errors carry an errno (torch's own
-    file writer reports them without one)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of vision-lora, torch and timm, recorded with every file written."""
-    out = {}
-    for pkg in ("vision-lora", "torch", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def model_name(model: nn.Module) -> str:
-    """The timm architecture name of `model` (`pretrained_cfg['architecture']`).
-
-    Raises:
-        ValueError: the model was not created by `timm.create_model`.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "architecture" not in cfg:
-        raise ValueError(
-            "The model has no timm pretrained_cfg['architecture']; create it with timm.create_model "
-            "(or give the timm model name explicitly)."
-        )
-    return cfg["architecture"]
+FORMATS = ("vision_lora", "peft")
 
 
 def _lora_config(model: nn.Module) -> LoRAConfig:
@@ -138,19 +58,35 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None, metadata: dict | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    class_names: list[str] | None = None,
+    metadata: dict | None = None,
+    format: str = "vision_lora",  # noqa: A002 - PEFT and the CLI call it format
 ) -> Path:
-    """Write `adapter.safetensors` (LoRA + head weights only) and `adapter_config.json` into `directory`.
+    """Write the adapter of `model` (LoRA + head weights only) into `directory`.
 
     Args:
-        model: a model adapted by `apply_lora`.
+        model: a model adapted by `apply_lora` (or `load_adapter`).
         directory: created if missing.
-        class_names: the label of each output index, kept with the adapter.
-        metadata: extra JSON values to record, e.g. how the base weights were obtained.
+        class_names: the label of each output index, kept with a vision_lora adapter (PEFT's format has no place
+            for them).
+        metadata: extra JSON values to record with a vision_lora adapter, e.g. how the base weights were obtained.
+        format: "vision_lora" (`adapter.safetensors` + `adapter_config.json`) or "peft" (`adapter_model.safetensors`
+            + `adapter_config.json` that `peft.PeftModel.from_pretrained` loads onto the timm model; see
+            `peft_format.save_peft_adapter`).
 
     Returns:
         The directory.
+
+    Raises:
+        ValueError: the model has no (unmerged) LoRA, a weight is not finite, or (PEFT) the adapter has no exact
+            PEFT equivalent.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    if format == "peft":
+        return peft_format.save_peft_adapter(model, directory)
     config = _lora_config(model)
     directory = Path(directory)
     num_classes = int(getattr(model, "num_classes", 0))
@@ -183,29 +119,40 @@ def save_adapter(
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The JSON config of an adapter directory.
+    """The JSON config of a vision_lora adapter directory.
 
     Raises:
         FileNotFoundError: the directory lacks the adapter files.
-        ValueError: the JSON is not a vision_lora adapter config.
+        ValueError: the JSON is not a vision_lora adapter config (a PEFT adapter's is named as such).
     """
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
+            if name == ADAPTER_WEIGHTS and peft_format.is_peft_adapter(directory):
+                raise ValueError(
+                    f"{directory} holds a PEFT adapter; load it onto its base model with load_adapter(model, dir) "
+                    f"(CLI: --model.backbone <timm name> --model.init_adapter {directory})."
+                )
             raise FileNotFoundError(f"{directory / name} not found; is {directory} an adapter directory?")
-    info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    try:
+        info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} is not valid JSON ({err}).") from None
     if not isinstance(info, dict) or info.get("format") not in (_FORMAT, _FORMAT_V1):
         raise ValueError(f"{directory / ADAPTER_CONFIG} is not a vision_lora adapter config.")
     return info
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Apply the adapter in `directory` to the base model `model` (in place) and load its weights.
+    """Apply the adapter in `directory` to the base model `model` (in place) and load its weights: a vision_lora
+    adapter, or a PEFT LoRA / DoRA adapter of the same timm model (see `peft_format.load_peft_adapter`).
 
     Raises:
         ValueError: the adapter was trained on another backbone or head size, the model already has LoRA, or the
-            weights file does not match the adapter config.
+            weights file does not match the adapter config; the model is unchanged then.
     """
+    if peft_format.is_peft_adapter(directory):
+        return peft_format.load_peft_adapter(model, directory)
     info = read_adapter_config(directory)
     name = model_name(model)
     if info["model_name"] != name:
@@ -217,19 +164,33 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"create the model with num_classes={info['num_classes']}."
         )
     _check_qkv_layouts(model, info, directory)
-    config = LoRAConfig(**{**info["lora_config"], "target_modules": info["adapted_modules"], "exclude_modules": []})
-    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    recorded = LoRAConfig.from_dict(info["lora_config"])
+    # Exactly the recorded modules, whatever the patterns would select in this timm version.
+    exact = [f"re:{re.escape(n)}" for n in info["adapted_modules"]]
+    config = LoRAConfig.from_dict({**info["lora_config"], "target_modules": exact, "exclude_modules": []})
+    state = load_safetensors(Path(directory) / ADAPTER_WEIGHTS)
     apply_lora(model, config)
-    model.lora_config = LoRAConfig(**info["lora_config"])
-    expected = set(adapter_state_dict(model))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
-            f"{directory / ADAPTER_WEIGHTS} does not match its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}."
-        )
+    model.lora_config = recorded
+    try:  # the LoRA layers come out again when the file does not fit them
+        _check_state(model, state, Path(directory) / ADAPTER_WEIGHTS)
+    except ValueError:
+        remove_lora(model)
+        raise
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _check_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = adapter_state_dict(model)
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model's is {tuple(expected[key].shape)}; the "
+                f"adapter was written for another model or configuration."
+            )
 
 
 def _check_qkv_layouts(model: nn.Module, info: dict, directory: str | os.PathLike) -> None:
@@ -238,6 +199,8 @@ def _check_qkv_layouts(model: nn.Module, info: dict, directory: str | os.PathLik
     Format 1 files took the q, k, v slices of every Linear named `qkv` with 3·d outputs as row thirds; that is right
     only where the attention lays its projection out as [all q | all k | all v].
     """
+    if info["lora_config"].get("qkv_slices") == "fused":  # one LoRA over every row: no layout to agree on
+        return
     modules = dict(model.named_modules())
     recorded = info.get("qkv_layouts", {})
     for name in info["adapted_modules"]:
@@ -260,20 +223,6 @@ def _check_qkv_layouts(model: nn.Module, info: dict, directory: str | os.PathLik
                 f"The adapter in {directory} adapts '{name}' with q/k/v layout {recorded.get(name)}, but this model's "
                 f"'{name}' has layout {now}; it was trained on another timm version or model definition."
             )
-
-
-def build_from_adapter(directory: str | os.PathLike) -> nn.Module:
-    """The adapted model of an adapter directory written by `vision-lora fit`: the base model rebuilt from the
-    backbone and weight source the adapter records (see `create_backbone`), with the adapter loaded.
-
-    Raises:
-        ValueError: the recorded weights cannot be loaded here (e.g. hub weights offline).
-    """
-    from .weights import create_backbone
-
-    info = read_adapter_config(directory)
-    model = create_backbone(info["model_name"], num_classes=info["num_classes"], weights=info.get("weights", "random"))
-    return load_adapter(model, directory)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from .adapter import atomic_write, save_adapter, torch_bytes
+from ._io import atomic_write, torch_bytes
+from .adapter import save_adapter
 
 __all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
 

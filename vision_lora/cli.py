@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .adapter import save_merged
+from .adapter import save_adapter, save_merged
 from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
@@ -132,9 +132,11 @@ class VisionLoRATrainer(L.Trainer):
             datamodule: its `--data.root` gives the images of `--quantize int8` when the checkpoint's is not wanted.
             ckpt_path: a checkpoint written by `vision-lora fit`.
             adapter: an adapter directory written by `vision-lora fit` (instead of `ckpt_path`).
-            output: the file to write.
-            format: "onnx" (verified against onnxruntime) or "timm" (a merged state dict that
-                `timm.create_model(name, num_classes=N, checkpoint_path=output)` loads; .safetensors or .pth).
+            output: the file to write (for --format peft a directory; by default `peft_adapter`).
+            format: "onnx" (verified against onnxruntime), "timm" (a merged state dict that
+                `timm.create_model(name, num_classes=N, checkpoint_path=output)` loads; .safetensors or .pth), or
+                "peft" (the unmerged adapter as `adapter_model.safetensors` + `adapter_config.json`, which
+                `peft.PeftModel.from_pretrained(timm.create_model(name, num_classes=N), output)` loads).
             opset: ONNX opset version.
             fp16: write fp16 ONNX weights (verified with a looser tolerance).
             verify_dir: a folder of real images to also verify the ONNX file on.
@@ -149,14 +151,18 @@ class VisionLoRATrainer(L.Trainer):
         """
         from .export import export_onnx, image_files, load_model, preprocess_files, quantize_trained
 
-        if format not in ("onnx", "timm"):
-            raise ValueError(f"--format must be 'onnx' or 'timm', got {format!r}.")
+        if format not in ("onnx", "timm", "peft"):
+            raise ValueError(f"--format must be 'onnx', 'timm' or 'peft', got {format!r}.")
         if quantize not in (None, "int8") or (quantize and (fp16 or format != "onnx")):
             raise ValueError(f"--quantize takes 'int8', for a float32 ONNX export (no --fp16); got {quantize!r}.")
         trained = load_model(ckpt_path=ckpt_path, adapter=adapter)
         if format == "timm":
             path = save_merged(trained.model, output)
             rank_zero_info(f"Merged timm checkpoint written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return
+        if format == "peft":
+            path = save_adapter(trained.model, "peft_adapter" if output == "model.onnx" else output, format="peft")
+            rank_zero_info(f"PEFT adapter of {trained.name} written to {path}")
             return
         images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
         fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .adapter import atomic_write, package_versions
-from .adapter import model_name as timm_model_name
+from ._io import atomic_write, package_versions
+from ._io import model_name as timm_model_name
 from .data import image_files as data_image_files
 from .data import load_rgb
 from .inject import lora_layers, merge_lora
 from .preprocess import eval_transform
+from .weights import create_backbone
 
 __all__ = [
     "INPUT_NAME",
@@ -504,7 +505,7 @@ def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.Pat
     if adapter is not None:
         from timm.data import resolve_model_data_config
 
-        from .adapter import build_from_adapter, read_adapter_config
+        from .adapter import read_adapter_config
 
         info = read_adapter_config(adapter)
         model = build_from_adapter(adapter).eval()
@@ -523,6 +524,20 @@ def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.Pat
     module.load_state_dict(checkpoint["state_dict"])
     root = (checkpoint.get("datamodule_hyper_parameters") or {}).get("root")
     return TrainedModel(module.model.eval(), hparams["backbone"], module.class_names, dict(module.data_config), root)
+
+
+def build_from_adapter(directory: str | os.PathLike) -> nn.Module:
+    """The adapted model of an adapter directory written by `vision-lora fit`: the base model rebuilt from the
+    backbone and weight source the adapter records (see `create_backbone`), with the adapter loaded.
+
+    Raises:
+        ValueError: the recorded weights cannot be loaded here (e.g. hub weights offline).
+    """
+    from .adapter import load_adapter, read_adapter_config
+
+    info = read_adapter_config(directory)
+    model = create_backbone(info["model_name"], num_classes=info["num_classes"], weights=info.get("weights", "random"))
+    return load_adapter(model, directory)
 
 
 def image_files(directory: str | os.PathLike, limit: int | None = None) -> list[Path]:

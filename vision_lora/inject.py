@@ -12,7 +12,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear, QKVLayout
+from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear, QKVLayout, dora_norm
 
 __all__ = [
     "LoRAConfig",
@@ -23,8 +23,10 @@ __all__ = [
     "classifier_names",
     "describe_targets",
     "lora_layers",
+    "lora_report",
     "mark_trainable",
     "merge_lora",
+    "remove_lora",
     "qkv_layout",
     "resolve_targets",
     "trainable_names",
@@ -36,7 +38,7 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 @dataclass
 class LoRAConfig:
-    """What to adapt and how.
+    """What to adapt and how: the one list of LoRA options (`LoRAClassifier` takes them flat: `--model.r`).
 
     Args:
         r: rank of the update B·A.
@@ -46,8 +48,14 @@ class LoRAConfig:
             suffix), "re:<regex>" for a full-match regex, or "preset:<name>" (see `PRESETS`). None: the preset of the
             model's family ("preset:auto").
         exclude_modules: patterns, in the same syntax, removed from what `target_modules` selects.
-        qkv_slices: which slices of a fused attention qkv projection are adapted, a subset of "qkv".
+        qkv_slices: which slices of a fused attention qkv projection are adapted, a subset of "qkv"; or "fused": one
+            LoRA over the whole projection, as PEFT adapts it.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
+        use_dora: DoRA, weight-decomposed LoRA: each adapted output row of W + s·B·A is rescaled to a learned length
+            (`lora_magnitude`, starting at the row's norm in W).
+        rank_pattern: per-module ranks, PEFT's rule: {key: r} where the regex key matches the end of a dotted module
+            name after a "." (e.g. "blocks.0.attn.qkv" or "fc1"); the first key that matches wins.
+        alpha_pattern: per-module lora_alpha, keys as in `rank_pattern`.
         bias: which biases also train: "none", "all", or "lora_only" (those of the adapted layers).
         train_norm: also train normalization layers (and let BatchNorm statistics update).
     """
@@ -59,6 +67,9 @@ class LoRAConfig:
     exclude_modules: list[str] = field(default_factory=list)
     qkv_slices: str = "qv"
     use_rslora: bool = False
+    use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
     train_norm: bool = False
 
@@ -69,22 +80,67 @@ class LoRAConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if (
+        fused = self.qkv_slices == "fused"
+        if not fused and (
             not self.qkv_slices
             or set(self.qkv_slices) - set("qkv")
             or len(set(self.qkv_slices)) != len(self.qkv_slices)
         ):
-            raise ValueError(f"qkv_slices must be a non-empty subset of 'qkv' such as 'qv', got {self.qkv_slices!r}.")
+            raise ValueError(
+                f"qkv_slices must be a non-empty subset of 'qkv' such as 'qv', or 'fused', got {self.qkv_slices!r}."
+            )
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         if isinstance(self.exclude_modules, str):
             self.exclude_modules = [self.exclude_modules]
+        self.exclude_modules = list(self.exclude_modules or [])
+        self.rank_pattern = {str(k): int(v) for k, v in (self.rank_pattern or {}).items()}
+        self.alpha_pattern = {str(k): float(v) for k, v in (self.alpha_pattern or {}).items()}
+        for kind, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise ValueError(f"{kind} key {key!r} is not a valid regular expression: {err}.") from None
+                if value <= 0:
+                    raise ValueError(f"{kind}[{key!r}] must be > 0, got {value}.")
+
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """(r, lora_alpha) of module `name`: from the first matching key of `rank_pattern` / `alpha_pattern`, else
+        the global values."""
+        return int(_pattern_value(self.rank_pattern, name, self.r)), float(
+            _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable values."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LoRAConfig:
+        """The config of `values` (as `to_dict` wrote them, or flat options); unknown keys are an error.
+
+        Raises:
+            ValueError: a key is not a LoRA option, or a value is out of range.
+        """
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(cls.__dataclass_fields__), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{unknown[0]!r} is not a LoRA option{hint} (options: {', '.join(cls.__dataclass_fields__)})."
+            )
+        return cls(**values)
+
+
+def _pattern_value(pattern: dict, name: str, default: float) -> float:
+    """PEFT's rule for rank / alpha patterns: the value of the first regex key that matches the end of `name`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 @dataclass
@@ -561,13 +617,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 def _wrap(model: nn.Module, name: str, config: LoRAConfig) -> LoRALayer:
     module = model.get_submodule(name)
-    args = (module, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+    r, alpha = config.rank_and_alpha(name)
+    args = (module, r, alpha, config.lora_dropout, config.use_rslora)
     if isinstance(module, nn.Conv2d):
-        return LoRAConv2d(*args)
-    layout = qkv_layout(model, name)
+        return LoRAConv2d(*args, use_dora=config.use_dora)
+    layout = qkv_layout(model, name) if config.qkv_slices != "fused" else None
     if layout is not None:
-        return LoRAQKVLinear(*args, slices=config.qkv_slices, layout=layout)
-    return LoRALinear(*args)
+        return LoRAQKVLinear(*args, slices=config.qkv_slices, layout=layout, use_dora=config.use_dora)
+    return LoRALinear(*args, use_dora=config.use_dora)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -641,7 +698,8 @@ def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
                 _freeze_norm_stats(m)
 
 
-def _report(model: nn.Module) -> LoRAReport:
+def lora_report(model: nn.Module) -> LoRAReport:
+    """The report of the LoRA layers of `model`: one row per adapted module, trainable / total parameters."""
     rows = []
     for name, layer in lora_layers(model).items():
         w = layer.base_layer.weight
@@ -652,7 +710,7 @@ def _report(model: nn.Module) -> LoRAReport:
                 in_features=w.shape[1],
                 out_features=w.shape[0],
                 rank=layer.r,
-                params=layer.lora_A.numel() + layer.lora_B.numel(),
+                params=sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n),
                 note="" if isinstance(layer, LoRAQKVLinear) else _fused_note(name),
             )
         )
@@ -678,6 +736,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
     if lora_layers(model):
         raise ValueError("LoRA is already applied to this model; merge_lora(model) first or start from the base model.")
     targets, skipped, preset_only = _resolve(model, config)
+    if config.use_dora:  # an overflowing norm is the user's to fix, not a target for the preset to skip
+        for name in targets:
+            try:
+                dora_norm(model.get_submodule(name).weight)
+            except ValueError as err:
+                raise ValueError(f"Cannot adapt '{name}': {err}") from None
     layers = {}
     for name in targets:
         try:
@@ -697,7 +761,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
         _set_submodule(model, name, layer)
     model.lora_config = config
     mark_trainable(model, config)
-    report = _report(model)
+    report = lora_report(model)
     report.skipped = skipped
     return report
 
@@ -708,14 +772,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Returns:
         The plain timm model: original module classes, original state-dict keys, all parameters trainable.
     """
-    for name, layer in lora_layers(model).items():
+    for layer in lora_layers(model).values():
         layer.merge()
+    return remove_lora(model)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the original modules back without merging (their weights as they are), in place: the inverse of
+    `apply_lora` for a model whose adapter is discarded.
+
+    Returns:
+        The model: original module classes, original state-dict keys, all parameters trainable.
+    """
+    for name, layer in lora_layers(model).items():
         _set_submodule(model, name, layer.base_layer)
     _restore_norm_classes(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    if "lora_config" in model.__dict__:
-        del model.lora_config
+    model.__dict__.pop("lora_config", None)
     return model
 
 

@@ -1,8 +1,12 @@
 """LoRA layers: y = base(x) + s · B(A(dropout(x))) for Linear, fused qkv Linear and Conv2d; merge / unmerge.
 
-Every adapter parameter is named `lora_A` / `lora_B`; the frozen original layer is kept as `base_layer`. Each layer
-writes its update as a product of two matrices, ΔW = s · B₂ A₂ (`_factors`), from which the merged weight, the
-eval-mode folded weight and the rank all follow.
+Every adapter parameter is named `lora_*` (`lora_A`, `lora_B`, and DoRA's `lora_magnitude`); the frozen original layer
+is kept as `base_layer`. Each layer writes its update as a product of two matrices, ΔW = s · B₂ A₂ (`_factors`), from
+which the merged weight, the eval-mode folded weight and the rank all follow.
+
+DoRA (weight-decomposed LoRA, `use_dora=True`) rescales every adapted output row of V = W + s·B·A to a learned length:
+W' = m · V / ‖V‖, the norm taken over all but the output axis and treated as a constant in backward (DoRA §4.3, as in
+PEFT). m starts at ‖W‖, so a fresh layer computes the base layer exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "QKVLayout", "lora_scaling"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "QKVLayout", "dora_norm", "lora_scaling"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,69 @@ def _factory(base_layer: nn.Module) -> dict:
     return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
 
 
+def dora_norm(weight: Tensor, rows: Tensor | None = None) -> Tensor:
+    """‖W‖ per output row (of `rows`, all when None), over all but the output axis, computed in float32 and returned
+    in the weight's dtype: the magnitude a fresh DoRA layer starts from.
+
+    Raises:
+        ValueError: a norm does not fit the weight's dtype (an fp16 / bf16 overflow).
+    """
+    w = weight.detach().reshape(weight.shape[0], -1)
+    if rows is not None:
+        w = w[rows]
+    norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)  # (rows,)
+    cast = norm.to(weight.dtype)
+    if not torch.isfinite(cast).all():
+        raise ValueError(
+            f"DoRA needs the row norms of a {weight.dtype} weight of shape {tuple(weight.shape)}, and one overflows "
+            f"{weight.dtype} (largest {norm.max().item():.4g}); nothing was changed. Load the model in float32 "
+            f"(model.float()) or use plain LoRA (use_dora=False)."
+        )
+    return cast
+
+
+def _slice_rows(groups: int, width: int, spans: tuple[tuple[int, int], ...], device=None) -> Tensor:
+    """The output rows of the adapted slices, slice-major and group-major (the row order of the stacked B)."""
+    return torch.cat(
+        [
+            (torch.arange(groups, device=device)[:, None] * width + off + torch.arange(d, device=device)).flatten()
+            for off, d in spans
+        ]
+    )
+
+
+def _fold(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, groups: int, spans: tuple) -> Tensor:
+    """A detached copy of W with s·B_i A_i added to the rows of every slice i: V = W + s·ΔW, (out, in)."""
+    w = weight.detach().clone()
+    r = lora_A.shape[1]
+    bs = lora_B.reshape(-1, r).split([groups * d for _, d in spans])  # (groups·d_i, r) each
+    wg = w.view(groups, -1, w.shape[-1])  # (groups, width, in)
+    for i, (off, d) in enumerate(spans):
+        if groups == 1:
+            w[off : off + d].addmm_(bs[i].to(w.dtype), lora_A[i].to(w.dtype), alpha=scaling)
+        else:
+            delta = bs[i].to(w.dtype) @ lora_A[i].to(w.dtype)  # (groups·d, in)
+            wg[:, off : off + d].add_(delta.view(groups, d, -1), alpha=scaling)
+    return w
+
+
+def _adapter_grads(g: Tensor, x2: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, groups: int, spans: tuple):
+    """(grad A, grad B) of y = x (W + s·ΔW)ᵀ from the output gradient g (N, out) and the input x2 (N, in), both in
+    g's dtype: two thin GEMMs over g and two over x, never a zero block."""
+    n, r, _ = lora_A.shape
+    dt = g.dtype
+    a = lora_A.to(dt)
+    bs = lora_B.to(dt).reshape(-1, r).split([groups * d for _, d in spans])
+    gg = g.view(g.shape[0], groups, -1)  # (N, groups, width)
+    # (N, groups·d_i) per adapted slice: views for one group, gathered copies for per-head layouts.
+    rows = [gg[:, :, off : off + d].reshape(g.shape[0], groups * d) for off, d in spans]
+    h = x2 @ a.reshape(n * r, -1).t()  # (N, S·r)
+    gb = torch.cat([rows[i] @ bs[i] for i in range(n)], dim=1)  # (N, S·r)
+    grad_A = (gb.t() @ x2).mul_(s).view(n, r, -1)  # (S, r, in)
+    grad_B = torch.cat([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (Σ groups·d_i, r)
+    return grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).view(lora_B.shape)
+
+
 class _SlicedLoRALinear(torch.autograd.Function):
     """y = x (W + s·ΔW)ᵀ + b for a Linear whose update ΔW has one B_i A_i block per row slice, trained without a
     second branch.
@@ -90,16 +157,7 @@ class _SlicedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, groups: int, spans: tuple[tuple[int, int], ...]):
-        w = weight.detach().clone()
-        r = lora_A.shape[1]
-        bs = lora_B.reshape(-1, r).split([groups * d for _, d in spans])  # (groups·d_i, r) each
-        wg = w.view(groups, -1, w.shape[-1])  # (groups, width, in)
-        for i, (off, d) in enumerate(spans):
-            if groups == 1:
-                w[off : off + d].addmm_(bs[i].to(w.dtype), lora_A[i].to(w.dtype), alpha=scaling)
-            else:
-                delta = bs[i].to(w.dtype) @ lora_A[i].to(w.dtype)  # (groups·d, in)
-                wg[:, off : off + d].add_(delta.view(groups, d, -1), alpha=scaling)
+        w = _fold(weight, lora_A, lora_B, scaling, groups, spans)  # (out, in)
         ctx.save_for_backward(x, weight, lora_A, lora_B, w)
         ctx.scaling, ctx.groups, ctx.spans = scaling, groups, spans
         return F.linear(x, w, bias)
@@ -107,43 +165,92 @@ class _SlicedLoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_A, lora_B, w = ctx.saved_tensors
-        s, groups, spans, (n, r, _) = ctx.scaling, ctx.groups, ctx.spans, lora_A.shape
         dt = grad.dtype  # under autocast the output (and its gradient) may be half precision
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
-        a = lora_A.to(dt)
-        bs = lora_B.to(dt).reshape(-1, r).split([groups * d for _, d in spans])
         grad_x = (g @ w.to(dt)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (g.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
-        gg = g.view(g.shape[0], groups, -1)  # (N, groups, width)
-        # (N, groups·d_i) per adapted slice: views for one group, gathered copies for per-head layouts.
-        rows = [gg[:, :, off : off + d].reshape(g.shape[0], groups * d) for off, d in spans]
-        h = x2 @ a.reshape(n * r, -1).t()  # (N, S·r)
-        gb = torch.cat([rows[i] @ bs[i] for i in range(n)], dim=1)  # (N, S·r)
-        grad_A = (gb.t() @ x2).mul_(s).view(n, r, -1)  # (S, r, in)
-        grad_B = torch.cat([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (Σ groups·d_i, r)
-        grad_A, grad_B = grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).view(lora_B.shape)
+        grad_A, grad_B = _adapter_grads(g, x2, lora_A, lora_B, ctx.scaling, ctx.groups, ctx.spans)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
 
 
-def _sliced(x: Tensor, base: nn.Linear, a: Tensor, b: Tensor, scaling: float, groups: int, spans: tuple) -> Tensor:
+class _SlicedDoRALinear(torch.autograd.Function):
+    """DoRA's y = c ⊙ x Vᵀ + b with V = W + s·ΔW (per slice as in `_SlicedLoRALinear`) and c = m / ‖V‖ on the adapted
+    rows (1 elsewhere), the norm a constant in backward.
+
+    One GEMM forward (z = x Vᵀ, kept for the magnitude gradient) and one for the input gradient; the adapter
+    gradients are LoRA's with the output gradient scaled by c, and the magnitude's is Σ_N g ⊙ z / ‖V‖. Tensors as in
+    `_SlicedLoRALinear`, magnitude (Σ groups·d_i,) in B's row order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, groups: int, spans: tuple):
+        w = _fold(weight, lora_A, lora_B, scaling, groups, spans)  # V: (out, in)
+        rows = _slice_rows(groups, w.shape[0] // groups, spans, w.device)  # (R,)
+        norm = torch.linalg.vector_norm(w[rows], dim=1, dtype=torch.float32)  # ‖V‖ per adapted row, (R,)
+        scale = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        scale[rows] = magnitude.detach().float() / norm  # c: (out,)
+        z = F.linear(x, w)  # (N, out)
+        c = scale.to(z.dtype)
+        y = z * c if bias is None else torch.addcmul(bias.to(z.dtype), z, c)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, w, z, c, norm, rows)
+        ctx.scaling, ctx.groups, ctx.spans = scaling, groups, spans
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_A, lora_B, magnitude, w, z, c, norm, rows = ctx.saved_tensors
+        dt = grad.dtype
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
+        gc = g * c.to(dt)  # the gradient with respect to x Vᵀ, (N, out)
+        grad_x = (gc @ w.to(dt)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (gc.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
+        grad_A, grad_B = _adapter_grads(gc, x2, lora_A, lora_B, ctx.scaling, ctx.groups, ctx.spans)
+        grad_m = ((g * z.to(dt)).sum(0, dtype=torch.float32)[rows] / norm).to(magnitude.dtype)  # (R,)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, grad_m, None, None, None
+
+
+def _sliced(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    scaling: float,
+    groups: int,
+    spans: tuple,
+    magnitude: Tensor | None = None,
+) -> Tensor:
     # The Function sees 2-D tensors so that its output is not a view: a view made inside a custom Function may not be
     # modified in place (naflexvit adds its position embedding in place), a view of its output may.
-    y = _SlicedLoRALinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, groups, spans)
+    x2 = x.reshape(-1, x.shape[-1])
+    if magnitude is None:
+        y = _SlicedLoRALinear.apply(x2, weight, bias, a, b, scaling, groups, spans)
+    else:
+        y = _SlicedDoRALinear.apply(x2, weight, bias, a, b, magnitude, scaling, groups, spans)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 class LoRALayer(nn.Module):
-    """Common state of a LoRA-wrapped layer: the frozen `base_layer`, rank, scaling, dropout and the merged flag.
+    """Common state of a LoRA-wrapped layer: the frozen `base_layer`, rank, scaling, dropout, DoRA's magnitude and
+    the merged flag.
 
-    Subclasses create `lora_A` / `lora_B` and implement `_factors` and `_forward_train`. In eval mode the update is
-    folded into the weight (one GEMM or conv instead of two branches); without autograd that folded weight is cached
-    until a parameter changes.
+    Subclasses create `lora_A` / `lora_B` (then call `_init_magnitude`) and implement `_factors` and
+    `_forward_train`. In eval mode the update is folded into the weight (one GEMM or conv instead of two branches);
+    without autograd that folded weight is cached until a parameter changes.
     """
 
     def __init__(
-        self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -156,12 +263,19 @@ class LoRALayer(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
+        self.use_dora = use_dora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         # No module at all at p=0: dropout would cost a copy of the input for nothing.
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_magnitude: nn.Parameter | None = None
         self.merged = False
         self._unmerged_weight: Tensor | None = None
         self._fold_cache: tuple[tuple, Tensor] | None = None
+
+    def _init_magnitude(self) -> None:
+        """DoRA: m = ‖W‖ of every adapted output row, so that the fresh layer computes the base layer."""
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(dora_norm(self.base_layer.weight, self._dora_rows()))
 
     def __getattr__(self, name: str):
         # Attributes of the wrapped layer (in_features, kernel_size, ...) stay readable through the wrapper.
@@ -178,10 +292,26 @@ class LoRALayer(nn.Module):
         """(B₂, A₂) with ΔW = s · B₂ @ A₂ reshaped like the base weight: B₂ (out, k), A₂ (k, fan_in)."""
         raise NotImplementedError
 
+    def _dora_rows(self) -> Tensor | None:
+        """The output rows DoRA rescales, in `lora_magnitude`'s order; None: all rows in order."""
+        return None
+
     def delta_weight(self) -> Tensor:
         """s·B·A shaped like the base weight."""
         b, a = self._factors()
         return (b @ a * self.scaling).view_as(self.base_layer.weight)
+
+    def _effective_weight(self, w: Tensor, b: Tensor, a: Tensor, magnitude: Tensor | None) -> Tensor:
+        """W + s·B·A; with DoRA, m · V / ‖V‖ on the adapted rows of V = W + s·B·A, the norm a constant. Computed in
+        the dtype of the arguments, differentiable in A, B and m."""
+        v = torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling)  # V: (out, fan_in)
+        if magnitude is None:
+            return v.view_as(w)
+        rows = self._dora_rows()
+        vr = v if rows is None else v[rows]  # (R, fan_in)
+        norm = torch.linalg.vector_norm(vr.detach(), dim=1, dtype=torch.float32)  # (R,)
+        c = (magnitude.to(torch.float32) / norm).to(v.dtype)[:, None]  # (R, 1)
+        return (vr * c if rows is None else v.index_copy(0, rows, vr * c)).view_as(w)
 
     @property
     def bias(self) -> Tensor | None:
@@ -189,7 +319,7 @@ class LoRALayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The effective weight W + s·B·A, differentiable in A and B.
+        """The effective weight W + s·B·A (DoRA: m · V / ‖V‖), differentiable in the adapter parameters.
 
         Code that bypasses the module call and reads `.weight` directly (timm's BEiT, EVA and SwinV2 attention call
         `F.linear(x, self.qkv.weight, bias)`) therefore still trains and runs the adapter.
@@ -197,15 +327,16 @@ class LoRALayer(nn.Module):
         w = self.base_layer.weight
         if self.merged:
             return w
-        b, a = self._factors()
-        return torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling).view_as(w)  # W + s·B·A in one op
+        return self._effective_weight(w, *self._factors(), self.lora_magnitude)
 
     def _folded_weight(self) -> Tensor:
-        """`weight`, cached while autograd is off and neither W, A nor B has changed since it was computed."""
+        """`weight`, cached while autograd is off and no parameter has changed since it was computed."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.weight
-        w, a, b = self.base_layer.weight, self.lora_A, self.lora_B
-        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), self.merged)
+        params = [self.base_layer.weight, self.lora_A, self.lora_B]
+        if self.lora_magnitude is not None:
+            params.append(self.lora_magnitude)
+        key = (*(p._version for p in params), *(p.data_ptr() for p in params), self.merged)
         if self._fold_cache is None or self._fold_cache[0] != key:
             self._fold_cache = (key, self.weight)
         return self._fold_cache[1]
@@ -226,11 +357,22 @@ class LoRALayer(nn.Module):
             return self._forward_train(x)
         return self._forward_folded(x, self._folded_weight())
 
+    def _dora_scale(self) -> Tensor:
+        """c = m / ‖V‖ for every output row (1 on rows DoRA does not adapt), the norm a constant: (out,)."""
+        w = self.base_layer.weight
+        b, a = self._factors()
+        with torch.no_grad():
+            v = torch.addmm(w.reshape(w.shape[0], -1), b, a, alpha=self.scaling)  # (out, fan_in)
+            rows = self._dora_rows()
+            norm = torch.linalg.vector_norm(v if rows is None else v[rows], dim=1, dtype=torch.float32)
+        c = self.lora_magnitude.to(torch.float32) / norm  # (R,)
+        return c if rows is None else torch.ones(w.shape[0], device=w.device).index_copy(0, rows, c)
+
     # -- merge -------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
-        """W + s·B·A computed in float32 whatever the weight dtype, cast once to the weight dtype.
+        """W + s·B·A (DoRA: m · V / ‖V‖) computed in float32 whatever the weight dtype, cast once to the weight dtype.
 
         Raises:
             ValueError: the result is not finite in the weight's dtype (for example an fp16 overflow).
@@ -239,7 +381,8 @@ class LoRALayer(nn.Module):
         if self.merged:
             return w.detach().clone()
         b, a = self._factors()
-        merged = torch.addmm(w.float().reshape(w.shape[0], -1), b.float(), a.float(), alpha=self.scaling).view_as(w)
+        m = self.lora_magnitude.float() if self.lora_magnitude is not None else None
+        merged = self._effective_weight(w.float(), b.float(), a.float(), m)
         merged_cast = merged.to(w.dtype)
         if not torch.isfinite(merged_cast).all():
             what = "overflows" if torch.isfinite(merged).all() else "is not finite"
@@ -251,7 +394,7 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Write W + s·B·A into the base weight, so the layer costs exactly what the base layer costs.
+        """Write the effective weight into the base weight, so the layer costs exactly what the base layer costs.
 
         The original weight is kept so that `unmerge` restores it bit for bit. A no-op when already merged.
 
@@ -281,26 +424,34 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}{dora}, merged={self.merged}"
 
 
 class LoRALinear(LoRALayer):
-    """LoRA around an `nn.Linear`: A (r, in), B (out, r)."""
+    """LoRA around an `nn.Linear`: A (r, in), B (out, r); with DoRA a magnitude (out,)."""
 
     def __init__(
-        self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         out_f, in_f = base_layer.weight.shape
         if r > min(in_f, out_f):
             raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_f, out_f)} of a {in_f}->{out_f} Linear.")
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **_factory(base_layer)))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **_factory(base_layer)))
         _init_lora_A(self.lora_A, in_f)
+        self._init_magnitude()
 
     @property
     def kind(self) -> str:
-        return "linear"
+        return "linear+dora" if self.use_dora else "linear"
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_B, self.lora_A
@@ -309,15 +460,27 @@ class LoRALinear(LoRALayer):
         return F.linear(x, weight, self.base_layer.bias)
 
     def _forward_train(self, x: Tensor) -> Tensor:
+        base = self.base_layer
         if isinstance(self.lora_dropout, nn.Identity):
-            base = self.base_layer
-            a, b, spans = self.lora_A[None], self.lora_B[None], ((0, base.out_features),)
-            return _sliced(x, base, a, b, self.scaling, 1, spans)
-        out = self.base_layer(x)  # (..., out)
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+            spans = ((0, base.out_features),)
+            a, b = self.lora_A[None], self.lora_B[None]
+            return _sliced(x, base.weight, base.bias, a, b, self.scaling, 1, spans, self.lora_magnitude)
+        return _two_branch_linear(self, x)
+
+
+def _two_branch_linear(layer: LoRALayer, x: Tensor) -> Tensor:
+    """The training forward with dropout on the adapter input: base(x) + s·B A x̃, and with DoRA (as in PEFT)
+    base(x) + (c - 1) ⊙ W x̃ + c ⊙ s·B A x̃, x̃ = dropout(x)."""
+    out = layer.base_layer(x)  # (..., out)
+    b, a = layer._factors()
+    xd = layer.lora_dropout(x)
+    h = F.linear(xd, a)  # (..., k)
+    if not layer.use_dora:
         # out + s · h @ Bᵀ as one fused GEMM.
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=layer.scaling)
         return flat.view(out.shape)
+    c = layer._dora_scale().to(out.dtype)  # (out,)
+    return out + (c - 1) * F.linear(xd, layer.base_layer.weight) + c * F.linear(h, b) * layer.scaling
 
 
 class LoRAQKVLinear(LoRALayer):
@@ -326,8 +489,9 @@ class LoRAQKVLinear(LoRALayer):
 
     Which output rows are q, k and v is given by `layout` (default: [all q | all k | all v] in thirds). `lora_A` is
     (S, r, in) for the S selected slices in q, k, v order; `lora_B` is (S, d, r) when the selected slices have d rows
-    each, else (Σ d_i, r) with the slices stacked, each slice's rows in layout order (group-major). Training runs one
-    GEMM with the update folded into the weight.
+    each, else (Σ d_i, r) with the slices stacked, each slice's rows in layout order (group-major). With DoRA,
+    `lora_magnitude` (Σ d_i,) holds a length for each adapted row in B's row order; unadapted rows stay exactly W.
+    Training runs one GEMM with the update folded into the weight.
     """
 
     def __init__(
@@ -339,8 +503,9 @@ class LoRAQKVLinear(LoRALayer):
         use_rslora: bool = False,
         slices: str = "qv",
         layout: QKVLayout | None = None,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         out_f, in_f = base_layer.weight.shape
         if layout is None:
             if out_f % 3:
@@ -366,6 +531,7 @@ class LoRAQKVLinear(LoRALayer):
         # Output rows of the selected slices, in the row order of the block-diagonal B below.
         rows = torch.cat([layout.rows(c) for c in self.slices])
         self.register_buffer("_rows", rows.to(base_layer.weight.device), persistent=False)
+        self._init_magnitude()
 
     @property
     def dim(self) -> int:
@@ -374,13 +540,20 @@ class LoRAQKVLinear(LoRALayer):
 
     @property
     def kind(self) -> str:
-        kind = f"qkv[{','.join(self.slices)}]"
+        kind = f"qkv[{','.join(self.slices)}]" + ("+dora" if self.use_dora else "")
         return kind if self.layout.is_thirds else f"{kind} {self.layout}"
+
+    @property
+    def _covers_all_rows_in_order(self) -> bool:
+        return len(self.slices) == 3 and self.layout.is_thirds
+
+    def _dora_rows(self) -> Tensor | None:
+        return None if self._covers_all_rows_in_order else self._rows
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         # B of all selected slices as one (out, S·r) matrix: block-diagonal, zero rows for unselected slices.
         block = torch.block_diag(*self.lora_B.reshape(-1, self.r).split(self._sizes))  # (Σ d_i, S·r)
-        if len(self.slices) < 3 or not self.layout.is_thirds:
+        if not self._covers_all_rows_in_order:
             block = block.new_zeros(self.layout.out_features, block.shape[1]).index_copy(0, self._rows, block)
         return block, self.lora_A.reshape(-1, self.lora_A.shape[-1])  # (out, S·r), (S·r, in)
 
@@ -390,23 +563,31 @@ class LoRAQKVLinear(LoRALayer):
     def _forward_train(self, x: Tensor) -> Tensor:
         if isinstance(self.lora_dropout, nn.Identity):
             spans = tuple(self.layout.span(c) for c in self.slices)
-            base = self.base_layer
-            return _sliced(x, base, self.lora_A, self.lora_B, self.scaling, self.layout.groups, spans)
-        out = self.base_layer(x)  # (..., out)
-        b, a = self._factors()
-        h = F.linear(self.lora_dropout(x), a)  # (..., S·r)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
-        return flat.view(out.shape)
+            base, groups = self.base_layer, self.layout.groups
+            a, b, m = self.lora_A, self.lora_B, self.lora_magnitude
+            return _sliced(x, base.weight, base.bias, a, b, self.scaling, groups, spans, m)
+        return _two_branch_linear(self, x)
 
 
 class LoRAConv2d(LoRALayer):
     """LoRA around an `nn.Conv2d` (timm's same-padding `Conv2dSame` included): A is a k×k conv to r channels with the
-    base conv's stride, padding and dilation, B a 1×1 conv back to the output channels. Grouped convs are refused."""
+    base conv's stride, padding and dilation, B a 1×1 conv back to the output channels; with DoRA a magnitude (out,)
+    normalising each output channel's whole filter. Grouped convs are refused.
+
+    A 1×1 conv with stride 1 on a channels-last input trains as a Linear over the channels: one GEMM with the update
+    folded into the weight, as `LoRALinear` does.
+    """
 
     def __init__(
-        self, base_layer: nn.Conv2d, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Conv2d,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         if base_layer.groups != 1:
             raise ValueError(
                 f"LoRA cannot adapt a grouped/depthwise conv (groups={base_layer.groups}); leave it out of the targets."
@@ -420,11 +601,13 @@ class LoRAConv2d(LoRALayer):
         self.lora_A = nn.Parameter(torch.empty(r, in_c, kh, kw, **_factory(base_layer)))
         self.lora_B = nn.Parameter(torch.zeros(out_c, r, 1, 1, **_factory(base_layer)))
         _init_lora_A(self.lora_A, in_c * kh * kw)
+        self._init_magnitude()
+        self._pointwise = (kh, kw) == (1, 1) and tuple(base_layer.stride) == (1, 1) and _no_padding(base_layer)
 
     @property
     def kind(self) -> str:
         kh, kw = self.base_layer.kernel_size
-        return f"conv{kh}x{kw}"
+        return f"conv{kh}x{kw}" + ("+dora" if self.use_dora else "")
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_B.reshape(self.lora_B.shape[0], self.r), self.lora_A.reshape(self.r, -1)
@@ -440,7 +623,28 @@ class LoRAConv2d(LoRALayer):
         return self._conv(x, weight, self.base_layer.bias)
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)  # (N, out, H', W')
-        h = self._conv(self.lora_dropout(x), self.lora_A, None)  # (N, r, H', W')
-        # Scaling folded into the small B weight instead of the activation.
-        return out + F.conv2d(h, self.lora_B * self.scaling)
+        no_dropout = isinstance(self.lora_dropout, nn.Identity)
+        if no_dropout and self._pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            base = self.base_layer
+            w = base.weight.view(base.out_channels, base.in_channels)  # (out, in)
+            a, b = self.lora_A.view(1, self.r, -1), self.lora_B.view(1, -1, self.r)
+            y = _sliced(
+                x.permute(0, 2, 3, 1), w, base.bias, a, b, self.scaling, 1, ((0, w.shape[0]),), self.lora_magnitude
+            )  # (N, H, W, out)
+            return y.permute(0, 3, 1, 2)  # (N, out, H, W), channels-last in memory
+        xd = self.lora_dropout(x)
+        lora = F.conv2d(self._conv(xd, self.lora_A, None), self.lora_B * self.scaling)  # s·B A x̃: (N, out, H', W')
+        if not self.use_dora:  # scaling folded into the small B weight instead of the activation
+            return self.base_layer(x) + lora
+        c = self._dora_scale().to(lora.dtype).view(1, -1, 1, 1)  # (1, out, 1, 1)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if not no_dropout:  # as in PEFT: base(x) + (c - 1) ⊙ W x̃ + c ⊙ s·B A x̃
+            return self.base_layer(x) + (c - 1) * self._conv(xd, weight, None) + c * lora
+        y = (self._conv(x, weight, None) + lora) * c  # c ⊙ (W x + s·B A x)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def _no_padding(conv: nn.Conv2d) -> bool:
+    if isinstance(conv, Conv2dSame) or isinstance(conv.padding, str):
+        return conv.kernel_size == (1, 1) and tuple(conv.dilation) == (1, 1)
+    return tuple(conv.padding) == (0, 0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import warnings
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,9 +18,9 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .adapter import adapter_state_dict
+from .adapter import adapter_state_dict, load_adapter
 from .data import preprocessing_config
-from .inject import LoRAConfig, apply_lora, classifier_names
+from .inject import LoRAConfig, apply_lora, classifier_names, lora_report
 from .weights import create_backbone
 
 __all__ = ["LoRAClassifier"]
@@ -42,6 +45,17 @@ class MacroF1(_AtMostOne, MulticlassF1Score):
     pass
 
 
+def _check_lora_options(lora: dict) -> None:
+    """Raises ValueError for an option that is neither LoRAClassifier's nor LoRAConfig's, naming the closest."""
+    unknown = sorted(set(lora) - set(LoRAConfig.__dataclass_fields__))
+    if unknown:
+        known = [*inspect.signature(LoRAClassifier.__init__).parameters, *LoRAConfig.__dataclass_fields__]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ValueError(
+            f"LoRAClassifier has no option {unknown[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
+        )
+
+
 def is_convnet(model: torch.nn.Module) -> bool:
     """Whether `model` is convolutional beyond its stem (a ViT has one conv, its patch embedding)."""
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
@@ -61,15 +75,11 @@ class LoRAClassifier(L.LightningModule):
         num_classes: classes of the new head; linked from the data. None: taken from `class_names`, or from the
             checkpoint being loaded.
         class_names: label of each class index; linked from the data.
-        r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (scaling = lora_alpha / r).
-        lora_dropout: dropout on the LoRA branch input.
-        target_modules: module-name patterns (globs, "re:<regex>", "preset:<name>"); None: the family preset.
-        exclude_modules: patterns removed from the targets.
-        qkv_slices: which of q, k, v a fused attention qkv adapts.
-        use_rslora: scale by lora_alpha / sqrt(r).
-        bias: which biases also train: "none", "all" or "lora_only".
-        train_norm: also train normalization layers.
+        init_adapter: an adapter directory to start from, vision_lora's or PEFT's (a LoRA / DoRA trained with
+            Hugging Face PEFT on this backbone): its LoRA layers, weights and head are loaded and train on; the LoRA
+            options are then the adapter's.
+        **lora: the options of `LoRAConfig` (r, lora_alpha, target_modules, qkv_slices, use_dora, rank_pattern, ...),
+            flat: `--model.r 16`, `--model.use_dora true`, YAML `model: {r: 16}`; LoRAConfig is their one definition.
         lr: learning rate of the LoRA parameters.
         head_lr: learning rate of the classifier head (and other trained non-LoRA parameters); None: `lr`.
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -99,15 +109,7 @@ class LoRAClassifier(L.LightningModule):
         weights: str = "random",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
-        r: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        target_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        qkv_slices: str = "qv",
-        use_rslora: bool = False,
-        bias: str = "none",
-        train_norm: bool = False,
+        init_adapter: str | None = None,
         lr: float = 1e-3,
         head_lr: float | None = None,
         weight_decay: float = 0.01,
@@ -124,24 +126,19 @@ class LoRAClassifier(L.LightningModule):
         interpolation: str | None = None,
         crop_pct: float | None = None,
         data_config: dict | None = None,
+        **lora: Any,
     ) -> None:
         super().__init__()
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}.")
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
+        _check_lora_options(lora)
+        # jsonargparse follows `**lora` into this call: the CLI shows LoRAConfig's fields, typed and documented.
+        self.lora_config = LoRAConfig(**lora)
+        # Every option recorded, the LoRA ones flat and complete (as checkpoints of 0.1 spell them).
         self.save_hyperparameters()
-        self.lora_config = LoRAConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            exclude_modules=list(exclude_modules or []),
-            qkv_slices=qkv_slices,
-            use_rslora=use_rslora,
-            bias=bias,
-            train_norm=train_norm,
-        )
+        self.hparams.update(self.lora_config.to_dict())
         kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = create_backbone(backbone, num_classes=num_classes, weights=weights, **kwargs)
         overrides = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation}
@@ -154,7 +151,13 @@ class LoRAClassifier(L.LightningModule):
         )
         # Recorded resolved, so that a checkpoint does not depend on the timm version that reads it.
         self.hparams["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
-        self.report = apply_lora(self.model, self.lora_config)
+        if init_adapter is None:
+            self.report = apply_lora(self.model, self.lora_config)
+        else:
+            load_adapter(self.model, init_adapter)
+            self.lora_config = self.model.lora_config
+            self.hparams.update(self.lora_config.to_dict())
+            self.report = lora_report(self.model)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.channels_last = is_convnet(self.model) if channels_last is None else channels_last

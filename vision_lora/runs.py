@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .adapter import write_error
+from ._io import write_error
 
 __all__ = ["OutputCheck", "RunLogger", "check_writable"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..adapter import atomic_write
+from .._io import atomic_write
 from .decode import _decode, _orientation, _oriented_size, _reduction, open_image
 from .folder import FolderSource
 from .samples import display_name, load_sample
