@@ -1,6 +1,13 @@
 """The data side: decoding, image-folder and optimized (LitData) sources, and the DataModule."""
 
-from .datamodule import AUGMENTS, BadFileReport, ImageFolderDataModule, augment_for, preprocessing_config
+from .datamodule import (
+    AUGMENT_STANDARD_FROM,
+    AUGMENTS,
+    BadFileReport,
+    ImageFolderDataModule,
+    augment_for,
+    preprocessing_config,
+)
 from .decode import IMAGE_EXTENSIONS, ImagePipeline, load_rgb
 from .folder import FolderSource, image_files, stratified_split
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -8,6 +15,7 @@ from .streaming import OptimizeReport, optimize_folder, read_info, streaming_dat
 
 __all__ = [
     "AUGMENTS",
+    "AUGMENT_STANDARD_FROM",
     "IMAGE_EXTENSIONS",
     "BadFileReport",
     "BadSample",

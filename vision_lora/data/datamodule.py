@@ -246,11 +246,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "optimized dataset."
             )
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        wanted = splits.get(stage, ["train", "val"] + (["test"] if self._has_split("test") else []))
+        wanted = splits.get(stage, ["train", "val"] + (["test"] if self.has_split("test") else []))
         for split in wanted:
             self.datasets[split] = self._dataset(split)
 
-    def _has_split(self, split: str) -> bool:
+    def has_split(self, split: str) -> bool:
+        """Whether the data has `split`: a folder of that name, or samples of it in an optimized dataset."""
         if self.folder is not None:
             return split in self.folder.splits()
         return self.info is not None and self.info["counts"].get(split, 0) > 0
@@ -265,7 +266,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return ImageFileDataset(image_files(hp.predict_dir), None, pipeline, hp.bad_files)
         if self.folder is not None:
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
-        if not self._has_split(split):
+        if not self.has_split(split):
             raise FileNotFoundError(f"The optimized dataset {self.root} has no {split} split.")
         return streaming_dataset(
             f"{str(self.root).rstrip('/')}/{split}",
