@@ -152,17 +152,25 @@ DATASETS: dict[str, Dataset] = {
         Dataset(
             "orientation",
             lambda out: by_photo(
-                out, ("upright", "upside_down", "sideways"), _orient,
-                {"train": ORIENTATION_TRAIN, "test": ORIENTATION_TEST}, {"train": 120, "val": 40, "test": 60}, seed=3,
-            ),  # fmt: skip
+                out,
+                ("upright", "upside_down", "sideways"),
+                _orient,
+                {"train": ORIENTATION_TRAIN, "test": ORIENTATION_TEST},
+                {"train": 120, "val": 40, "test": 60},
+                seed=3,
+            ),
             "upright / upside down / sideways crops of 7 photos; test on 4 other photos",
         ),
         Dataset(
             "colour",
             lambda out: by_photo(
-                out, ("neutral", "grey", "warm", "cool"), _cast,
-                {"train": COLOUR_TRAIN, "test": COLOUR_TEST}, {"train": 80, "val": 30, "test": 50}, seed=4,
-            ),  # fmt: skip
+                out,
+                ("neutral", "grey", "warm", "cool"),
+                _cast,
+                {"train": COLOUR_TRAIN, "test": COLOUR_TEST},
+                {"train": 80, "val": 30, "test": 50},
+                seed=4,
+            ),
             "colour cast (neutral, grey, warm, cool) of crops of 6 photos; test on 4 other photos",
         ),
         Dataset(

@@ -43,25 +43,34 @@ BACKBONE = "tf_efficientnet_lite0"
 LIGHT = ["--data.augment=light"]
 STANDARD = ["--data.augment=standard"]  # timm's: random-resized crop 0.08-1, flip, colour jitter 0.4
 VARIANTS: dict[str, list[str]] = {
-    # baselines
+    # In the order they run: the comparisons that decide the most first (a partial screen still answers them).
     "probe": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-3", "--model.label_smoothing=0"],
-    "old_defaults": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
-    "old_quickstart": [
-        *STANDARD, "--data.scale=[0.6, 1.0]", "--data.hflip=0", "--data.color_jitter=null", "--model.lr=3e-3",
-        "--model.head_lr=3e-3", "--model.label_smoothing=0.1", "--model.crop_pct=1.0",
-    ],  # fmt: skip
-    "peft": [],  # the plain PEFT loop, see run_peft
-    # candidates, most likely first (a partial screen still answers the main questions)
     "light": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "old_defaults": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "peft": [],  # the plain PEFT loop, see run_peft
+    "old_quickstart": [
+        *STANDARD,
+        "--data.scale=[0.6, 1.0]",
+        "--data.hflip=0",
+        "--data.color_jitter=null",
+        "--model.lr=3e-3",
+        "--model.head_lr=3e-3",
+        "--model.label_smoothing=0.1",
+        "--model.crop_pct=1.0",
+    ],
+    "light_warm": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
     "none": ["--data.augment=none", "--model.lr=1e-3", "--model.label_smoothing=0.1"],
     "light_ls0": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0"],
-    "light_warm": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
-    "light_lr3e-3": [*LIGHT, "--model.lr=3e-3", "--model.label_smoothing=0.1"],
     "light_hlr1e-2": [*LIGHT, "--model.lr=1e-3", "--model.head_lr=1e-2", "--model.label_smoothing=0.1"],
-    "light_warm_hlr1e-2": [
-        *LIGHT, "--model.lr=1e-3", "--model.head_lr=1e-2", "--model.label_smoothing=0.1", "--model.head_warmup=0.25",
-    ],  # fmt: skip
     "mild": [*STANDARD, "--data.scale=[0.5, 1.0]", "--data.color_jitter=null", "--model.lr=1e-3"],
+    "light_lr3e-3": [*LIGHT, "--model.lr=3e-3", "--model.label_smoothing=0.1"],
+    "light_warm_hlr1e-2": [
+        *LIGHT,
+        "--model.lr=1e-3",
+        "--model.head_lr=1e-2",
+        "--model.label_smoothing=0.1",
+        "--model.head_warmup=0.25",
+    ],
     "standard_warm": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
     "probe_hlr1e-2": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-2", "--model.label_smoothing=0"],
     "light_long": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],  # twice the epochs
