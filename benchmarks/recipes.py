@@ -248,12 +248,15 @@ def save(path: Path, state: dict) -> None:
 
 
 def table(runs: dict, stage: str, px: int) -> tuple[str, dict]:
-    """Markdown table of mean test accuracy (over seeds) per variant and dataset, with paired differences."""
+    """Markdown table of mean test accuracy (± standard deviation over seeds; the val accuracy that selected the
+    checkpoint in brackets) per variant and dataset."""
     cell: dict[tuple[str, str], list[float]] = {}
+    val: dict[tuple[str, str], list[float]] = {}
     for k, r in runs.items():
         st, dataset, variant, _, size = k.split("/")
         if st == stage and size == f"{px}px" and r.get("test_acc") is not None:
             cell.setdefault((variant, dataset), []).append(r["test_acc"])
+            val.setdefault((variant, dataset), []).append(r.get("val_acc") or float("nan"))
     datasets = [d for d in DATASETS if any(d == ds for _, ds in cell)]
     variants = [v for v in [*VARIANTS, NEW_DEFAULTS] if any(v == var for var, _ in cell)]
     head = "| variant | " + " | ".join(f"{d}{'*' if d in HELD_OUT else ''}" for d in datasets) + " | held-out mean |"
@@ -263,8 +266,9 @@ def table(runs: dict, stage: str, px: int) -> tuple[str, dict]:
         row = []
         for d in datasets:
             accs = cell.get((v, d))
-            row.append(f"{statistics.mean(accs):.3f}" + (f" ±{statistics.stdev(accs):.3f}" if len(accs) > 1 else "")
-                       if accs else "—")  # fmt: skip
+            spread = f" ±{statistics.stdev(accs):.3f}" if accs and len(accs) > 1 else ""
+            vals = val.get((v, d))
+            row.append(f"{statistics.mean(accs):.3f}{spread} (val {statistics.mean(vals):.3f})" if accs else "—")
             if accs:
                 means[(v, d)] = statistics.mean(accs)
         held = [means[(v, d)] for d in HELD_OUT if (v, d) in means]
