@@ -70,8 +70,9 @@ class LoRAClassifier(L.LightningModule):
 
     Args:
         backbone: timm model name, e.g. "vit_base_patch16_224.augreg_in21k" or "tf_efficientnet_lite0".
-        weights: backbone weights: "random", "hub" (timm's pretrained download), "offline" (packaged weights, e.g.
-            for tf_efficientnet_lite0), or the path of a .pth / .safetensors file.
+        weights: backbone weights: "random", "pretrained" (the packaged offline weights where they exist, else
+            timm's hub; the default of `vision-lora fit`), "hub" (timm's pretrained download), "offline" (packaged
+            weights, e.g. for tf_efficientnet_lite0), or the path of a .pth / .safetensors file.
         num_classes: classes of the new head; linked from the data. None: taken from `class_names`, or from the
             checkpoint being loaded.
         class_names: label of each class index; linked from the data.
