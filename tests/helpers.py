@@ -13,10 +13,12 @@ from safetensors.torch import save_file
 # A tiny ConvNet on 32 px images, no augmentation randomness unless a test adds it, one log row per step.
 FAST = [
     "--model.backbone=test_resnet",
+    "--model.weights=random",  # the command's default is pretrained weights, which would need the hub
     "--model.lr=0.01",
     "--model.input_size=32",
     "--data.num_workers=0",
     "--data.batch_size=8",
+    "--data.augment=standard",  # the random-resized crop below, whatever the folder size would pick
     "--data.hflip=0",
     "--data.scale=[0.8, 1.0]",
     "--data.color_jitter=null",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import quiet_trainer
 
 from vision_lora import ImageFolderDataModule, LoRAClassifier
+from vision_lora.module import lr_factor
 
 
 def _loss_and_lora_grads(module: LoRAClassifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -128,3 +129,21 @@ def test_rates_never_exceed_one(monkeypatch):
     assert {k: v.item() for k, v in module.val_metrics.compute().items()} == dict.fromkeys(
         ["val_acc", "val_balanced_acc", "val_f1", "val_acc5"], 1.0
     )
+
+
+def test_head_warmup_keeps_lora_learning_rate_at_zero_then_warms_it_up():
+    assert [lr_factor(s, start=4, total=10, warmup_fraction=0.5) for s in range(4)] == [0.0] * 4
+    assert lr_factor(4, start=4, total=10, warmup_fraction=0.5) == pytest.approx(0.01)
+    assert lr_factor(7, start=4, total=10, warmup_fraction=0.5) == pytest.approx(1.0)
+    assert lr_factor(0, start=0, total=10, warmup_fraction=0.0) == pytest.approx(1.0)
+    assert lr_factor(10, start=0, total=10, warmup_fraction=0.0) == pytest.approx(0.0)
+
+
+def test_head_warmup_of_one_trains_the_head_alone():
+    module = LoRAClassifier("test_vit", num_classes=3, head_warmup=1.0)
+    trained = {
+        n for g in module.param_groups() for n, p in module.model.named_parameters() if any(p is q for q in g["params"])
+    }
+    assert trained and all(n.startswith("head.") for n in trained)
+    with pytest.raises(ValueError, match="head_warmup"):
+        LoRAClassifier("test_vit", num_classes=3, head_warmup=1.5)

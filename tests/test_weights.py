@@ -49,3 +49,17 @@ def test_weights_from_local_file(tmp_path):
 def test_missing_weights_file():
     with pytest.raises(FileNotFoundError, match="not found"):
         create_backbone("test_vit", weights="/nope/w.pth")
+
+
+def test_pretrained_uses_the_offline_source_where_there_is_one():
+    offline = create_backbone("tf_efficientnet_lite0", num_classes=4, weights="offline")
+    pretrained = create_backbone("tf_efficientnet_lite0", num_classes=4, weights="pretrained")
+    for key, value in offline.state_dict().items():
+        if not key.startswith("classifier."):
+            torch.testing.assert_close(pretrained.state_dict()[key], value, rtol=0, atol=0)
+    assert pretrained.pretrained_cfg["interpolation"] == "bilinear"  # the offline weights' preprocessing
+
+
+def test_hub_refuses_a_model_timm_has_no_weights_for():
+    with pytest.raises(ValueError, match="no pretrained weights for 'botnet50ts_256'.*weights='random'"):
+        create_backbone("botnet50ts_256", weights="hub")

@@ -11,6 +11,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -21,14 +22,16 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .adapter import save_adapter, save_merged
+from .baseline import evaluate_best, fit_head_probe, write_comparison
 from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
 from .preemption import Preemption
+from .recipe import Choice, augment_for, epochs_for, train_images
 from .reports import EvalPredictions, History, write_reports
 from .runs import OutputCheck
 
-__all__ = ["VisionLoRACLI", "VisionLoRATrainer", "main", "resolve_checkpoint"]
+__all__ = ["VisionLoRACLI", "VisionLoRATrainer", "choose_recipe", "main", "resolve_checkpoint"]
 
 
 def checkpoint_run_dir(ckpt_path: str | Path) -> Path:
@@ -305,6 +308,30 @@ def resolve_checkpoint(which: str, runs_dir: str | Path) -> Path:
 
 
 _LIGHTNING_CSV = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
+
+
+def choose_recipe(config) -> list[Choice]:
+    """Fill in what the user of `fit` left to the data, in `config` itself (so the saved config.yaml is what ran):
+    the epoch count when neither trainer.max_epochs nor trainer.max_steps is given, and data.augment "auto"."""
+    data, trainer = config.data, config.trainer
+    needs_epochs = trainer.get("max_epochs") is None and trainer.get("max_steps") in (None, -1)
+    needs_augment = data.get("augment") == "auto"
+    if data.get("root") is None or not (needs_epochs or needs_augment):
+        return []
+    images, classes = train_images(data.root, data.val_fraction, data.seed)
+    choices = []
+    if needs_epochs:
+        trainer.max_epochs = epochs_for(images, data.batch_size)
+        steps = -(-images // data.batch_size)
+        reason = f"{images} training images, {steps} steps of {data.batch_size} per epoch"
+        choices.append(Choice("trainer.max_epochs", trainer.max_epochs, reason))
+    if needs_augment:
+        data.augment = augment_for(images, classes)
+        per_class = images / max(classes, 1)
+        choices.append(Choice("data.augment", data.augment, f"{per_class:.0f} training images per class"))
+    return choices
+
+
 _LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
 _DEFAULT_BACKBONE = inspect.signature(LoRAClassifier).parameters["backbone"].default
 
@@ -325,8 +352,16 @@ class VisionLoRACLI(LightningCLI):
         parser.add_argument(
             "--print_targets", action="store_true", help="Print the modules LoRA adapts and skips, then exit."
         )
+        parser.add_argument(
+            "--baseline",
+            type=Literal["head"] | None,
+            default=None,
+            help="fit: first train the head-only probe with the same recipe (into <run>/baseline_head), then the LoRA "
+            "run, and print both accuracies (test split, else val) at the end.",
+        )
         parser.set_defaults(
             {
+                "model.weights": "pretrained",  # the Python API keeps "random"; a user of the command wants these
                 "checkpoint.monitor": "val_acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": False,  # see instantiate_trainer
@@ -397,8 +432,11 @@ class VisionLoRACLI(LightningCLI):
         logger = config.trainer.get("logger")
         if getattr(logger, "class_path", None) in _LIGHTNING_CSV:  # its version pick races, and it deletes metrics.csv
             logger.class_path = "vision_lora.runs.RunLogger"
-        if self.config.get("subcommand") == "fit" and config.get("ckpt_path") == "last":
-            _resolve_last_checkpoint(config)
+        if self.config.get("subcommand") == "fit":
+            if config.get("ckpt_path") == "last":
+                _resolve_last_checkpoint(config)
+            for choice in choose_recipe(config):
+                rank_zero_info(str(choice))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -429,9 +467,25 @@ class VisionLoRACLI(LightningCLI):
             for path in write_reports(out_dir, self.model.class_names, predictions, history, monitor, mode):
                 rank_zero_info(f"Wrote {path}")
 
+    def before_fit(self) -> None:
+        """With `--baseline head`: train the head-only probe first, into `<run>/baseline_head`."""
+        config = self._subcommand_config()
+        self._baseline = None
+        if config.get("baseline") != "head":
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError("--baseline head runs on one device; drop --baseline or use --trainer.devices=1.")
+        for logger in self.trainer.loggers:  # the run's own logs start first: a CSVLogger then keeps the probe's folder
+            _ = logger.experiment
+        self._baseline = fit_head_probe(
+            self.model, self.datamodule, config.trainer.as_dict(), run_dir(self.trainer) / "baseline_head"
+        )
+        if config.get("seed_everything") is not None:  # the LoRA run as it would be without the probe before it
+            L.seed_everything(config.seed_everything)
+
     def after_fit(self) -> None:
         """One more validation pass, on the best checkpoint, for the confusion matrix and the errors; then the
-        curves, all in the run directory. Nothing of this pass is logged."""
+        curves, all in the run directory. Nothing of this pass is logged. With `--baseline head`, both accuracies."""
         trainer = self.trainer
         out_dir = run_dir(trainer)
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
@@ -446,6 +500,10 @@ class VisionLoRACLI(LightningCLI):
             finally:
                 trainer.loggers = loggers
         self._report(out_dir, history)
+        if getattr(self, "_baseline", None) is not None and not trainer.interrupted:
+            lora = evaluate_best(trainer, self.model, self.datamodule, "LoRA")
+            for line in write_comparison(out_dir / "baseline.json", self._baseline, lora):
+                rank_zero_info(line)
 
     def after_validate(self) -> None:
         self._report(run_dir(self.trainer), None)

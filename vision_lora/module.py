@@ -6,6 +6,7 @@ import difflib
 import inspect
 import math
 import warnings
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ from .data import preprocessing_config
 from .inject import LoRAConfig, apply_lora, classifier_names, lora_report
 from .weights import create_backbone
 
-__all__ = ["LoRAClassifier"]
+__all__ = ["LoRAClassifier", "lr_factor"]
 
 # Frozen BatchNorm layers stay in eval mode during training on purpose (their statistics are part of the backbone).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -61,6 +62,19 @@ def is_convnet(model: torch.nn.Module) -> bool:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
+def lr_factor(step: int, start: int, total: int, warmup_fraction: float) -> float:
+    """The learning-rate multiplier at optimizer step `step`: zero before `start`, then over the steps from `start`
+    to `total` a linear warmup from 0.01 to 1 across `warmup_fraction` of them and a cosine decay to zero."""
+    if step < start:
+        return 0.0
+    span = max(total - start, 1)
+    warmup = min(int(warmup_fraction * span), span - 1)
+    t = step - start
+    if t < warmup:
+        return 0.01 + 0.99 * t / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(t - warmup, span - warmup) / max(span - warmup, 1)))
+
+
 class LoRAClassifier(L.LightningModule):
     """A timm classifier fine-tuned with LoRA: adapters and the classifier head train, the backbone stays frozen.
 
@@ -70,8 +84,9 @@ class LoRAClassifier(L.LightningModule):
 
     Args:
         backbone: timm model name, e.g. "vit_base_patch16_224.augreg_in21k" or "tf_efficientnet_lite0".
-        weights: backbone weights: "random", "hub" (timm's pretrained download), "offline" (packaged weights, e.g.
-            for tf_efficientnet_lite0), or the path of a .pth / .safetensors file.
+        weights: backbone weights: "random", "pretrained" (the packaged offline weights where they exist, else
+            timm's hub; the default of `vision-lora fit`), "hub" (timm's pretrained download), "offline" (packaged
+            weights, e.g. for tf_efficientnet_lite0), or the path of a .pth / .safetensors file.
         num_classes: classes of the new head; linked from the data. None: taken from `class_names`, or from the
             checkpoint being loaded.
         class_names: label of each class index; linked from the data.
@@ -84,6 +99,10 @@ class LoRAClassifier(L.LightningModule):
         head_lr: learning rate of the classifier head (and other trained non-LoRA parameters); None: `lr`.
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_fraction: fraction of all training steps spent in linear warmup before the cosine decay.
+        head_warmup: fraction of the training steps in which only the head trains (a linear probe), before LoRA
+            joins with a warmup and cosine decay of its own over the remaining steps (linear-probe-then-fine-tune:
+            a trained head keeps the pretrained features from being distorted by a random one). 1.0 trains the head
+            alone: LoRA stays at zero, the head-only baseline.
         label_smoothing: label smoothing of the cross-entropy loss.
         mixup_alpha: timm mixup alpha; 0 disables mixup.
         cutmix_alpha: timm cutmix alpha; 0 disables cutmix.
@@ -114,6 +133,7 @@ class LoRAClassifier(L.LightningModule):
         head_lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.05,
+        head_warmup: float = 0.0,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -131,6 +151,8 @@ class LoRAClassifier(L.LightningModule):
         super().__init__()
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+        if not 0.0 <= head_warmup <= 1.0:
+            raise ValueError(f"head_warmup is a fraction of the training steps in [0, 1], got {head_warmup}.")
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
         _check_lora_options(lora)
@@ -158,6 +180,10 @@ class LoRAClassifier(L.LightningModule):
             self.lora_config = self.model.lora_config
             self.hparams.update(self.lora_config.to_dict())
             self.report = lora_report(self.model)
+        if head_warmup >= 1.0:  # the head-only probe: nothing of LoRA trains (and no backward through it)
+            for name, p in self.model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(False)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.channels_last = is_convnet(self.model) if channels_last is None else channels_last
@@ -278,28 +304,30 @@ class LoRAClassifier(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """AdamW parameter groups: LoRA at `lr`, everything else that trains at `head_lr`; no weight decay on
-        biases and norm weights."""
+        biases and norm weights. Each group says whether it holds LoRA (`"lora"`), for the schedule."""
         hp = self.hparams
-        groups: dict[tuple[float, float], list] = {}
+        groups: dict[tuple[bool, float, float], list] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            lr = hp.lr if "lora_" in name else (hp.head_lr or hp.lr)
+            lora = "lora_" in name
+            lr = hp.lr if lora else (hp.head_lr or hp.lr)
             decay = 0.0 if p.ndim <= 1 else hp.weight_decay
-            groups.setdefault((lr, decay), []).append(p)
-        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+            groups.setdefault((lora, lr, decay), []).append(p)
+        return [{"params": ps, "lr": lr, "weight_decay": wd, "lora": lora} for (lora, lr, wd), ps in groups.items()]
 
     def configure_optimizers(self):
+        """AdamW; per step, a linear warmup from 1% over `warmup_fraction` of the steps, then a cosine decay to zero.
+        LoRA groups start after the `head_warmup` share of the steps, with a warmup and decay of their own."""
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.param_groups())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(int(hp.warmup_fraction * total), total - 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
-        if warmup > 0:
-            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
-            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-        else:
-            schedule = cosine
+        head_steps = min(int(hp.head_warmup * total), total - 1)
+        factors = [
+            partial(lr_factor, start=head_steps if g["lora"] else 0, total=total, warmup_fraction=hp.warmup_fraction)
+            for g in optimizer.param_groups
+        ]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

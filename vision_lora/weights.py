@@ -56,6 +56,11 @@ OFFLINE_WEIGHTS: dict[str, tuple[Callable[[nn.Module], dict[str, Tensor]], dict]
 }
 
 
+def _architecture(model_name: str) -> str:
+    """The timm architecture of a model name, without its pretrained tag ("resnet50.a1_in1k" -> "resnet50")."""
+    return model_name.split(".")[0]
+
+
 def _head_classes(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0))
 
@@ -67,7 +72,8 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
         model_name: a timm model name, e.g. "vit_small_patch16_224".
         num_classes: classes of the new head; None keeps the model's default head.
         weights: "random" (timm's init), "hub" (timm's pretrained download), "offline" (a packaged source from
-            `OFFLINE_WEIGHTS`), or the path of a .pth / .safetensors state dict for this model. A head whose class
+            `OFFLINE_WEIGHTS`), "pretrained" (the offline source where one exists, else the hub), or the path of a
+            .pth / .safetensors state dict for this model. A head whose class
             count differs from `num_classes` is replaced by a fresh one.
         **kwargs: passed to `timm.create_model`.
 
@@ -80,15 +86,24 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
         hint = f" Close names: {', '.join(close)}." if close else " See timm.list_models()."
         raise ValueError(f"Unknown timm model {model_name!r}.{hint}")
     head_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    if weights == "pretrained":
+        weights = "offline" if _architecture(model_name) in OFFLINE_WEIGHTS else "hub"
     if weights == "random":
         return timm.create_model(model_name, **head_kwargs, **kwargs)
     if weights == "hub":
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):  # timm would warn and return random weights
+            raise ValueError(
+                f"timm has no pretrained weights for {model_name!r}; use weights='random' to train it from scratch, "
+                "or the path of a weights file."
+            )
         try:
             return timm.create_model(model_name, pretrained=True, **head_kwargs, **kwargs)
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
             raise ValueError(
                 f"Could not fetch pretrained weights for {model_name!r} from the hub ({type(err).__name__}: {err}). "
-                f"Offline, use weights='offline' (available for {sorted(OFFLINE_WEIGHTS)}) or a local file path."
+                f"Offline, use weights='offline' (available for {sorted(OFFLINE_WEIGHTS)}) or a local file path; "
+                f"weights='random' trains from scratch."
             ) from err
     model = timm.create_model(model_name, **kwargs)
     if weights == "offline":
@@ -101,7 +116,8 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
     else:
         if not os.path.isfile(weights):
             raise FileNotFoundError(
-                f"Weights file {weights!r} not found; weights must be 'random', 'hub', 'offline' or a file path."
+                f"Weights file {weights!r} not found; weights must be 'pretrained', 'random', 'hub', 'offline' or a "
+                "file path."
             )
         state = load_state_dict(weights)
         # A file saved with another class count (a merged fine-tuned model, say) gets a head of its own size first.

@@ -16,6 +16,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
 from .. import preprocess as preprocessing  # the module, not its names: it imports .decode, hence this package
 from ..preemption import leave_sigterm_to_main
@@ -24,11 +25,20 @@ from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
 from .streaming import is_optimized, read_info, streaming_dataset
 
-__all__ = ["BadFileReport", "ImageFolderDataModule", "STAGES"]
+__all__ = ["AUGMENTS", "AUGMENT_STANDARD_FROM", "BadFileReport", "ImageFolderDataModule", "STAGES", "augment_for"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test", "predict")
+AUGMENTS = ("auto", "none", "light", "standard")
+# From this many training images per class on, "auto" augmentation is "standard" (random-resized crops and colour
+# jitter), below it "light" (resize + flip): see benchmarks/recipes.py.
+AUGMENT_STANDARD_FROM = 100
+
+
+def augment_for(train_images: int, num_classes: int) -> str:
+    """The augmentation "auto" picks for `train_images` training images in `num_classes` classes."""
+    return "standard" if train_images / max(num_classes, 1) >= AUGMENT_STANDARD_FROM else "light"
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -54,7 +64,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: pin batches in page-locked memory; only takes effect when CUDA is available.
         persistent_workers: keep image-folder workers alive between epochs; only takes effect when `num_workers` > 0.
         predict_dir: folder of images (searched recursively) or a single image for `predict`.
-        hflip: probability of a horizontal flip in training.
+        augment: training augmentation: "none" (the evaluation resize and centre crop), "light" (that plus the
+            horizontal flip `hflip`), "standard" (timm's random-resized crop by `scale` and `ratio`, `hflip`,
+            `color_jitter`, `auto_augment`, `re_prob`), or "auto": light below `AUGMENT_STANDARD_FROM` training
+            images per class, else standard (`vision-lora fit` decides it before the run and records it).
+        hflip: probability of a horizontal flip in training ("light" and "standard").
         scale: area range of the training random-resized crop, as fractions of the image.
         ratio: aspect-ratio range of the training random-resized crop.
         color_jitter: strength of training brightness / contrast / saturation jitter; None turns it off.
@@ -78,6 +92,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         predict_dir: str | None = None,
+        augment: str = "auto",
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -173,9 +188,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self.data_config
 
     def train_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
-        """The training transform on RGB images: timm's random-resized crop and augmentations, then normalisation."""
+        """The training transform on RGB images, by `augment`: the eval transform, plus a flip ("light"), or timm's
+        random-resized crop and augmentations ("standard"); then normalisation."""
         cfg = data_config or self.data_config or self.resolve_data_config()
         hp = self.hparams
+        augment = self.augment
+        if augment in ("none", "light"):
+            steps = list(preprocessing.eval_transform(cfg).transforms)
+            if augment == "light" and hp.hflip > 0:
+                steps.insert(2, T.RandomHorizontalFlip(hp.hflip))  # after the resize and centre crop
+            return T.Compose(steps)
         return create_transform(
             input_size=cfg["input_size"],
             is_training=True,
@@ -189,6 +211,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             mean=cfg["mean"],
             std=cfg["std"],
         )
+
+    @property
+    def augment(self) -> str:
+        """The augmentation that runs: `augment`, with "auto" resolved from the training images per class."""
+        if self.hparams.augment != "auto":
+            return self.hparams.augment
+        if self.folder is not None:
+            count = len(self.folder.samples("train")[0])
+        elif self.info is not None:
+            count = int(self.info["counts"].get("train", 0))
+        else:
+            return "standard"
+        return augment_for(count, self.num_classes or 1)
 
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
         """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
@@ -212,11 +247,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "optimized dataset."
             )
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        wanted = splits.get(stage, ["train", "val"] + (["test"] if self._has_split("test") else []))
+        wanted = splits.get(stage, ["train", "val"] + (["test"] if self.has_split("test") else []))
         for split in wanted:
             self.datasets[split] = self._dataset(split)
 
-    def _has_split(self, split: str) -> bool:
+    def has_split(self, split: str) -> bool:
+        """Whether the data has `split`: a folder of that name, or samples of it in an optimized dataset."""
         if self.folder is not None:
             return split in self.folder.splits()
         return self.info is not None and self.info["counts"].get(split, 0) > 0
@@ -231,7 +267,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return ImageFileDataset(image_files(hp.predict_dir), None, pipeline, hp.bad_files)
         if self.folder is not None:
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
-        if not self._has_split(split):
+        if not self.has_split(split):
             raise FileNotFoundError(f"The optimized dataset {self.root} has no {split} split.")
         return streaming_dataset(
             f"{str(self.root).rstrip('/')}/{split}",
@@ -415,6 +451,8 @@ def _check_arguments(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"max_bad_fraction must lie in [0, 1], not {hp['max_bad_fraction']}.")
     if not 0.0 < hp["val_fraction"] < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, not {hp['val_fraction']}.")
+    if hp["augment"] not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, not {hp['augment']!r}.")
     if hp["batch_size"] < 1 or hp["num_workers"] < 0:
         raise ValueError(f"Need batch_size >= 1 and num_workers >= 0, got {hp['batch_size']}, {hp['num_workers']}.")
     if hp["model_name"] is not None:

@@ -1,0 +1,365 @@
+"""Recipe study: which training recipe of `vision-lora fit` holds on small datasets nobody tuned it for (issue 16).
+
+    python benchmarks/recipes.py                       # screen, then confirm; resumes where it stopped
+    python benchmarks/recipes.py --stage screen --budget-minutes 120
+    python benchmarks/recipes.py --summary              # only print the tables of what finished
+
+Drives the CLI end to end, in this process (`vision_lora.cli.main`): `fit`, then `test` of the checkpoint that val
+selected, on the datasets of `recipe_datasets.py` (built offline from scikit-image / scikit-learn sample photos;
+their test splits come from other photo regions or other photos than val). The backbone is tf_efficientnet_lite0
+with its offline ImageNet weights: the only pretrained weights reachable on a machine without the model hub.
+
+Stages: "screen" runs every variant with seed 0 at 96 px; "confirm" runs the best screened candidates (ranked on the
+tuning datasets only), the baselines and the new CLI defaults with seeds 0, 1, 2 at 128 px. "peft" is a plain PEFT
+LoRA loop (no CLI), the reference of the issue. Each run's result is written to the JSON as soon as it finishes,
+and finished runs are skipped on a restart, so the study can run across sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from recipe_datasets import DATASETS, build  # noqa: E402
+
+# The defaults are chosen on these; the goals are checked on the others.
+TUNING = ("textures", "scenes")
+HELD_OUT = ("orientation", "colour", "fewshot")
+BACKBONE = "tf_efficientnet_lite0"
+
+# Every variant names its augmentation and learning rates explicitly, so results do not move with the CLI defaults.
+LIGHT = ["--data.augment=light"]
+STANDARD = ["--data.augment=standard"]  # timm's: random-resized crop 0.08-1, flip, colour jitter 0.4
+VARIANTS: dict[str, list[str]] = {
+    # In the order they run: the comparisons that decide the most first (a partial screen still answers them).
+    "probe": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-3", "--model.label_smoothing=0"],
+    "light": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "old_defaults": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "peft": [],  # the plain PEFT loop, see run_peft
+    "old_quickstart": [
+        *STANDARD,
+        "--data.scale=[0.6, 1.0]",
+        "--data.hflip=0",
+        "--data.color_jitter=null",
+        "--model.lr=3e-3",
+        "--model.head_lr=3e-3",
+        "--model.label_smoothing=0.1",
+        "--model.crop_pct=1.0",
+    ],
+    "light_warm": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
+    "none": ["--data.augment=none", "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "light_ls0": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0"],
+    "light_hlr1e-2": [*LIGHT, "--model.lr=1e-3", "--model.head_lr=1e-2", "--model.label_smoothing=0.1"],
+    "mild": [*STANDARD, "--data.scale=[0.5, 1.0]", "--data.color_jitter=null", "--model.lr=1e-3"],
+    "light_lr3e-3": [*LIGHT, "--model.lr=3e-3", "--model.label_smoothing=0.1"],
+    "light_warm_hlr1e-2": [
+        *LIGHT,
+        "--model.lr=1e-3",
+        "--model.head_lr=1e-2",
+        "--model.label_smoothing=0.1",
+        "--model.head_warmup=0.25",
+    ],
+    "standard_warm": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
+    "probe_hlr1e-2": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-2", "--model.label_smoothing=0"],
+    "light_long": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],  # twice the epochs
+}
+BASELINES = ("probe", "old_defaults", "old_quickstart", "peft")
+NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
+# The CLI with nothing but backbone, data and resolution: whatever `vision-lora fit` does by default now.
+NEW_DEFAULTS = "new_defaults"
+
+
+def screen_epochs(train_images: int, batch_size: int = 32) -> int:
+    """Epochs of the runs: about 150 optimizer steps, 5 to 30 epochs (the candidate rule of the CLI; "light_long"
+    doubles it)."""
+    steps_per_epoch = math.ceil(train_images / batch_size)
+    return max(5, min(30, math.ceil(150 / steps_per_epoch)))
+
+
+def train_count(folder: Path) -> int:
+    return sum(1 for _ in (folder / "train").rglob("*.jpg"))
+
+
+def _metric(run: Path, key: str) -> float | None:
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as f:
+        values = [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+    return values[-1] if values else None
+
+
+def run_cli(data: Path, variant: str, seed: int, px: int, epochs: int | None, work: Path) -> dict:
+    """`vision-lora fit` then `vision-lora test` of the best checkpoint; test accuracy and val accuracy of it."""
+    from vision_lora.cli import main
+
+    name = f"{data.name}-{variant}-s{seed}-{px}"
+    common = [f"--data.root={data}", f"--model.input_size={px}", f"--seed_everything={seed}"]
+    logging = [f"--trainer.logger.init_args.save_dir={work}", f"--trainer.logger.init_args.name={name}"]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=1"]
+    args = [*common, *logging, *quiet, f"--model.backbone={BACKBONE}"]
+    if variant != NEW_DEFAULTS:
+        args += ["--model.weights=offline", "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}"]
+        args += VARIANTS[variant]
+    args += list(DATASETS[data.name].extra_args)
+    start = time.perf_counter()
+    main(["fit", *args])
+    run = work / name / "version_0"
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={best}", *quiet])
+    with open(run / "config.yaml", encoding="utf-8") as f:
+        ran_epochs = next((int(line.split(":")[1]) for line in f if line.strip().startswith("max_epochs:")), None)
+    return {
+        "test_acc": _metric(run / "test", "test_acc"),
+        "val_acc": float(best.stem.rsplit("val_acc=", 1)[1]) if "val_acc=" in best.stem else None,
+        "best_epoch": int(best.stem.split("epoch=")[1].split("-")[0]),
+        "epochs": ran_epochs,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def run_peft(data: Path, seed: int, px: int, epochs: int, batch_size: int = 32) -> dict:
+    """The issue's reference: a plain PEFT LoRA loop. r=8, alpha 16 on the targets vision-lora adapts by default,
+    head trained in full; resize + flip; AdamW lr 1e-3 constant, weight decay 0.01; BatchNorm frozen in eval mode.
+    Test accuracy of the epoch with the best val accuracy."""
+    import peft
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from vision_lora.data import load_rgb, preprocessing_config
+    from vision_lora.inject import LoRAConfig, resolve_targets
+    from vision_lora.preprocess import eval_transform
+    from vision_lora.weights import create_backbone
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    model = create_backbone(BACKBONE, num_classes=len(classes), weights="offline")
+    targets = resolve_targets(model, LoRAConfig())
+    evaluate = eval_transform(preprocessing_config(model.pretrained_cfg, {"input_size": px}))
+    steps = list(evaluate.transforms)
+    train_tf = T.Compose([*steps[:2], T.RandomHorizontalFlip(), *steps[2:]])
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["classifier"])
+    model = peft.get_peft_model(model, config)
+
+    def loader(split: str, transform, shuffle: bool) -> DataLoader:
+        dataset = ImageFolder(str(data / split), transform=transform, loader=load_rgb)
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=1)
+
+    train, val, test = loader("train", train_tf, True), loader("val", evaluate, False), loader("test", evaluate, False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+
+    @torch.no_grad()
+    def accuracy(batches: DataLoader) -> float:
+        model.eval()
+        right = total = 0
+        for x, y in batches:
+            right += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+        return right / total
+
+    best = (-1.0, 0.0, -1)
+    for epoch in range(epochs):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        for x, y in train:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        val_acc = accuracy(val)
+        if val_acc > best[0]:
+            best = (val_acc, accuracy(test), epoch)
+    return {
+        "test_acc": best[1],
+        "val_acc": best[0],
+        "best_epoch": best[2],
+        "epochs": epochs,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# -- the plan -------------------------------------------------------------------------------------------------------
+
+
+def key(stage: str, dataset: str, variant: str, seed: int, px: int) -> str:
+    return f"{stage}/{dataset}/{variant}/seed{seed}/{px}px"
+
+
+def screen_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
+    plan = []
+    # The tuning datasets first (they pick the recipe), variant by variant; then the held-out ones.
+    for group in (TUNING, HELD_OUT):
+        for variant in VARIANTS:
+            for dataset in (d for d in group if d in datasets):
+                epochs = screen_epochs(train_count(folders[dataset]))
+                plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant == "light_long" else 1)))
+    return plan
+
+
+def best_candidates(results: dict, top: int) -> list[str]:
+    """The `top` candidates of the screen with the highest mean test accuracy on the tuning datasets."""
+    scores = {}
+    for variant in VARIANTS:
+        if variant in NOT_CANDIDATES:
+            continue
+        accs = [results.get(key("screen", d, variant, 0, 96), {}).get("test_acc") for d in TUNING]
+        if all(a is not None for a in accs):
+            scores[variant] = statistics.mean(accs)
+    return sorted(scores, key=scores.get, reverse=True)[:top]
+
+
+def confirm_plan(datasets: list[str], folders: dict[str, Path], results: dict, top: int) -> list[tuple]:
+    variants = [*BASELINES, *best_candidates(results, top), NEW_DEFAULTS]
+    plan = []
+    for seed in (0, 1, 2):
+        for variant in variants:
+            for dataset in datasets:
+                epochs = screen_epochs(train_count(folders[dataset]))
+                plan.append(("confirm", dataset, variant, seed, 128, epochs * (2 if variant == "light_long" else 1)))
+    return plan
+
+
+# -- results --------------------------------------------------------------------------------------------------------
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": {}}
+
+
+def save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def table(runs: dict, stage: str, px: int) -> tuple[str, dict]:
+    """Markdown table of mean test accuracy (± standard deviation over seeds; the val accuracy that selected the
+    checkpoint in brackets) per variant and dataset."""
+    cell: dict[tuple[str, str], list[float]] = {}
+    val: dict[tuple[str, str], list[float]] = {}
+    for k, r in runs.items():
+        st, dataset, variant, _, size = k.split("/")
+        if st == stage and size == f"{px}px" and r.get("test_acc") is not None:
+            cell.setdefault((variant, dataset), []).append(r["test_acc"])
+            val.setdefault((variant, dataset), []).append(r.get("val_acc") or float("nan"))
+    datasets = [d for d in DATASETS if any(d == ds for _, ds in cell)]
+    variants = [v for v in [*VARIANTS, NEW_DEFAULTS] if any(v == var for var, _ in cell)]
+    head = "| variant | " + " | ".join(f"{d}{'*' if d in HELD_OUT else ''}" for d in datasets) + " | held-out mean |"
+    lines = [head, "|" + "---|" * (len(datasets) + 2)]
+    means = {}
+    for v in variants:
+        row = []
+        for d in datasets:
+            accs = cell.get((v, d))
+            spread = f" ±{statistics.stdev(accs):.3f}" if accs and len(accs) > 1 else ""
+            vals = val.get((v, d))
+            row.append(f"{statistics.mean(accs):.3f}{spread} (val {statistics.mean(vals):.3f})" if accs else "—")
+            if accs:
+                means[(v, d)] = statistics.mean(accs)
+        held = [means[(v, d)] for d in HELD_OUT if (v, d) in means]
+        held_mean = f"{statistics.mean(held):.3f}" if len(held) == len(HELD_OUT) else "—"
+        lines.append(f"| {v} | " + " | ".join(row) + f" | {held_mean} |")
+    return "\n".join(lines), {"cell": cell, "means": means}
+
+
+def paired(runs: dict, stage: str, px: int, a: str, b: str) -> list[str]:
+    """Per held-out dataset: mean and spread (min..max over seeds) of test_acc(a) - test_acc(b), same seed."""
+    out = []
+    for d in HELD_OUT:
+        diffs = []
+        for seed in (0, 1, 2):
+            ra, rb = runs.get(key(stage, d, a, seed, px)), runs.get(key(stage, d, b, seed, px))
+            if ra and rb and ra.get("test_acc") is not None and rb.get("test_acc") is not None:
+                diffs.append(100 * (ra["test_acc"] - rb["test_acc"]))
+        if diffs:
+            out.append(f"{d}: {statistics.mean(diffs):+.1f} pt [{min(diffs):+.1f}, {max(diffs):+.1f}] (n={len(diffs)})")
+    return out
+
+
+def summary(state: dict) -> str:
+    runs = state["runs"]
+    parts = []
+    for stage, px in (("screen", 96), ("confirm", 128)):
+        text, _ = table(runs, stage, px)
+        if text.count("\n") > 1:
+            seconds = sum(r.get("seconds", 0) for k, r in runs.items() if k.startswith(stage + "/"))
+            parts.append(f"### {stage} ({px} px; * held out; {seconds / 3600:.1f} h of runs)\n\n{text}")
+            for ref in ("probe", "peft", "old_defaults"):
+                cmp_with = NEW_DEFAULTS if stage == "confirm" else "light"
+                lines = paired(runs, stage, px, cmp_with, ref)
+                if lines:
+                    parts.append(f"{cmp_with} − {ref}: " + "; ".join(lines))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "recipes.json")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_data")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_runs")
+    parser.add_argument("--stage", choices=("screen", "confirm", "all"), default="all")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
+    parser.add_argument("--top", type=int, default=3, help="screened candidates to confirm")
+    parser.add_argument("--budget-minutes", type=float, default=600, help="start no run after this long")
+    parser.add_argument("--summary", action="store_true", help="print the tables and exit")
+    args = parser.parse_args()
+
+    state = load(args.out)
+    if args.summary:
+        print(summary(state))
+        return
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    folders = build(args.data, args.datasets)
+    meta = state["meta"]
+    meta.setdefault("started", date.today().isoformat())
+    meta.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs", backbone=f"{BACKBONE} (offline ImageNet)",
+                command="python benchmarks/recipes.py " + " ".join(sys.argv[1:]), tuning=TUNING, held_out=HELD_OUT,
+                datasets={d: json.loads((folders[d] / "dataset.json").read_text()) for d in args.datasets})  # fmt: skip
+    began = time.perf_counter()
+    stages = ["screen", "confirm"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        plan = screen_plan(args.datasets, folders) if stage == "screen" else None
+        if stage == "confirm":
+            plan = confirm_plan(args.datasets, folders, state["runs"], args.top)
+        for st, dataset, variant, seed, px, epochs in plan:
+            k = key(st, dataset, variant, seed, px)
+            if k in state["runs"] or (args.variants and variant not in args.variants):
+                continue
+            if time.perf_counter() - began > 60 * args.budget_minutes:
+                print(f"budget of {args.budget_minutes} min spent; rerun to continue", flush=True)
+                save(args.out, state)
+                print(summary(state))
+                return
+            print(f"== {k} ({epochs} epochs)", flush=True)
+            if variant == "peft":
+                result = run_peft(folders[dataset], seed, px, epochs)
+            else:
+                result = run_cli(folders[dataset], variant, seed, px, epochs, args.work)
+            state["runs"][k] = result
+            meta["wall_seconds"] = round(meta.get("wall_seconds", 0) + result["seconds"], 1)
+            meta["updated"] = date.today().isoformat()
+            save(args.out, state)
+            print(f"   {result}", flush=True)
+    print(summary(state))
+
+
+if __name__ == "__main__":
+    main()
