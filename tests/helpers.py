@@ -29,6 +29,22 @@ FAST = [
 ]
 
 
+def slow_fit_args(image_folder, weights_file: str, *extra: str) -> list[str]:
+    """`fit` arguments for the interrupt-and-resume tests: 3 epochs of slowed steps (`SlowSteps`) with 2 loader
+    workers, seeded, so that a signal or a kill lands mid-training and a resumed run can be compared bit for bit."""
+    return [
+        "fit",
+        *FAST,
+        f"--data.root={image_folder}",
+        f"--model.weights={weights_file}",
+        "--seed_everything=7",
+        "--trainer.max_epochs=3",
+        "--data.num_workers=2",
+        "--trainer.callbacks+=helpers.SlowSteps",
+        *extra,
+    ]
+
+
 def cli_env() -> dict:
     """The environment for a `vision-lora` subprocess: this one, with tests/ importable (for `helpers.X` callbacks)."""
     here = str(Path(__file__).parent)

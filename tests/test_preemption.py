@@ -13,22 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, cli_command, cli_env, run_named
+from helpers import cli_command, cli_env, run_named, slow_fit_args
 from safetensors.torch import load_file
 
 
 def _args(image_folder, backbone_file, *extra: str) -> list[str]:
-    return [
-        "fit",
-        *FAST,
-        f"--data.root={image_folder}",
-        f"--model.weights={backbone_file('test_resnet')}",
-        "--seed_everything=7",
-        "--trainer.max_epochs=3",
-        "--data.num_workers=2",
-        "--trainer.callbacks+=helpers.SlowSteps",
-        *extra,
-    ]
+    return slow_fit_args(image_folder, backbone_file("test_resnet"), *extra)
 
 
 def _start(cwd: Path, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import FAST, cli_command, cli_env, run_named, start_named
+from helpers import FAST, cli_command, cli_env, run_named, slow_fit_args, start_named
 from safetensors.torch import load_file
 
 from vision_lora._io import atomic_write
@@ -23,16 +23,7 @@ from vision_lora.cli import main
 
 
 def test_kill_9_during_training_then_resume_last_matches_uninterrupted_run(image_folder, backbone_file, tmp_path):
-    args = [
-        "fit",
-        *FAST,
-        f"--data.root={image_folder}",
-        f"--model.weights={backbone_file('test_resnet')}",
-        "--seed_everything=7",
-        "--trainer.max_epochs=3",
-        "--data.num_workers=2",
-        "--trainer.callbacks+=helpers.SlowSteps",
-    ]
+    args = slow_fit_args(image_folder, backbone_file("test_resnet"))
 
     straight = run_named(tmp_path, args, "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
