@@ -196,7 +196,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if augment in ("none", "light"):
             steps = list(preprocessing.eval_transform(cfg).transforms)
             if augment == "light" and hp.hflip > 0:
-                steps.insert(2, T.RandomHorizontalFlip(hp.hflip))  # after the resize and centre crop
+                steps.insert(len(steps) - 2, T.RandomHorizontalFlip(hp.hflip))  # before to-tensor + normalise
             return T.Compose(steps)
         return create_transform(
             input_size=cfg["input_size"],
