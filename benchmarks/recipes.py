@@ -77,6 +77,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 BASELINES = ("probe", "old_defaults", "old_quickstart", "peft")
 NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
+CONFIRM_REFERENCES = ("probe", "peft")  # the goals compare the defaults with these
 # The CLI with nothing but backbone, data and resolution: whatever `vision-lora fit` does by default now.
 NEW_DEFAULTS = "new_defaults"
 
@@ -201,13 +202,12 @@ def key(stage: str, dataset: str, variant: str, seed: int, px: int) -> str:
 
 
 def screen_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
+    """Every variant, seed 0, 96 px, on the tuning datasets only: the held-out ones never take part in the choice."""
     plan = []
-    # The tuning datasets first (they pick the recipe), variant by variant; then the held-out ones.
-    for group in (TUNING, HELD_OUT):
-        for variant in VARIANTS:
-            for dataset in (d for d in group if d in datasets):
-                epochs = screen_epochs(train_count(folders[dataset]))
-                plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant == "light_long" else 1)))
+    for variant in VARIANTS:
+        for dataset in (d for d in TUNING if d in datasets):
+            epochs = screen_epochs(train_count(folders[dataset]))
+            plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant == "light_long" else 1)))
     return plan
 
 
@@ -224,11 +224,14 @@ def best_candidates(results: dict, top: int) -> list[str]:
 
 
 def confirm_plan(datasets: list[str], folders: dict[str, Path], results: dict, top: int) -> list[tuple]:
-    variants = [*BASELINES, *best_candidates(results, top), NEW_DEFAULTS]
+    """Seeds 0, 1, 2 at 128 px of the references (probe, PEFT), the new CLI defaults and the best screened candidates;
+    the held-out datasets first (the goals are checked there), seed by seed, so a partial run is balanced."""
+    variants = [*CONFIRM_REFERENCES, NEW_DEFAULTS, *best_candidates(results, top)]
+    order = [d for d in (*HELD_OUT, *TUNING) if d in datasets]
     plan = []
     for seed in (0, 1, 2):
-        for variant in variants:
-            for dataset in datasets:
+        for dataset in order:
+            for variant in variants:
                 epochs = screen_epochs(train_count(folders[dataset]))
                 plan.append(("confirm", dataset, variant, seed, 128, epochs * (2 if variant == "light_long" else 1)))
     return plan
@@ -242,9 +245,20 @@ def load(path: Path) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write `state`, merged with runs other shards wrote meanwhile (under a lock: shards share the file)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load(path)
+        state["runs"] = {**on_disk["runs"], **state["runs"]}
+        commands = on_disk["meta"].get("commands", [])
+        state["meta"]["commands"] = commands + [c for c in state["meta"].get("commands", []) if c not in commands]
+        seconds = sum(r.get("seconds", 0) for r in state["runs"].values())
+        state["meta"]["wall_seconds"] = round(seconds, 1)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 def table(runs: dict, stage: str, px: int) -> tuple[str, dict]:
@@ -318,6 +332,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="screened candidates to confirm")
     parser.add_argument("--budget-minutes", type=float, default=600, help="start no run after this long")
     parser.add_argument("--summary", action="store_true", help="print the tables and exit")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th planned run from the i-th (n processes)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     args = parser.parse_args()
 
     state = load(args.out)
@@ -326,22 +342,31 @@ def main() -> None:
         return
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    shard, shards = (int(n) for n in args.shard.split("/"))
     folders = build(args.data, args.datasets)
     meta = state["meta"]
     meta.setdefault("started", date.today().isoformat())
-    meta.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs", backbone=f"{BACKBONE} (offline ImageNet)",
-                command="python benchmarks/recipes.py " + " ".join(sys.argv[1:]), tuning=TUNING, held_out=HELD_OUT,
-                datasets={d: json.loads((folders[d] / "dataset.json").read_text()) for d in args.datasets})  # fmt: skip
+    meta.update(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        backbone=f"{BACKBONE} (offline ImageNet)",
+        tuning=TUNING,
+        held_out=HELD_OUT,
+    )
+    command = "python benchmarks/recipes.py " + " ".join(sys.argv[1:])
+    meta.pop("command", None)
+    meta.setdefault("commands", []).extend([] if command in meta["commands"] else [command])
+    meta.setdefault("datasets", {}).update({d: json.loads((folders[d] / "dataset.json").read_text()) for d in folders})
     began = time.perf_counter()
     stages = ["screen", "confirm"] if args.stage == "all" else [args.stage]
     for stage in stages:
         plan = screen_plan(args.datasets, folders) if stage == "screen" else None
         if stage == "confirm":
             plan = confirm_plan(args.datasets, folders, state["runs"], args.top)
-        for st, dataset, variant, seed, px, epochs in plan:
+        for i, (st, dataset, variant, seed, px, epochs) in enumerate(plan):
             k = key(st, dataset, variant, seed, px)
-            if k in state["runs"] or (args.variants and variant not in args.variants):
+            state["runs"] = {**load(args.out)["runs"], **state["runs"]}  # what other shards finished
+            if i % shards != shard or k in state["runs"] or (args.variants and variant not in args.variants):
                 continue
             if time.perf_counter() - began > 60 * args.budget_minutes:
                 print(f"budget of {args.budget_minutes} min spent; rerun to continue", flush=True)
@@ -354,7 +379,6 @@ def main() -> None:
             else:
                 result = run_cli(folders[dataset], variant, seed, px, epochs, args.work)
             state["runs"][k] = result
-            meta["wall_seconds"] = round(meta.get("wall_seconds", 0) + result["seconds"], 1)
             meta["updated"] = date.today().isoformat()
             save(args.out, state)
             print(f"   {result}", flush=True)

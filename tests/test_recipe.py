@@ -4,12 +4,16 @@ import json
 import logging
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from conftest import make_image_folder
 from helpers import FAST
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
+from vision_lora.callbacks import BestCheckpoint
 from vision_lora.cli import main
 from vision_lora.data import AUGMENT_STANDARD_FROM, augment_for
 from vision_lora.recipe import MAX_EPOCHS, MIN_EPOCHS, epochs_for
@@ -78,3 +82,46 @@ def test_baseline_head_trains_the_probe_first_and_prints_both(image_folder, tmp_
     assert any(v.any() for k, v in lora.items() if "lora_B" in k)
     assert not torch.equal(probe["model.fc.weight"], lora["model.fc.weight"])
     assert _saved_config(tmp_path)["baseline"] == "head"
+
+
+class _SaturatedVal(L.LightningModule):
+    """val_acc is 1.0 from the first epoch on (a small, easy val split); val_loss keeps falling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - batch[0]).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", 1.0)
+        self.log("val_loss", 1.0 / (self.current_epoch + 1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _best_epoch(tmp_path: Path, callback: BestCheckpoint, epochs: int = 4, ckpt_path: str | None = None) -> int:
+    data = DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=2)
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(_SaturatedVal(), data, data, ckpt_path=ckpt_path)
+    return int(Path(callback.best_model_path).stem.split("epoch=")[1].split("-")[0])
+
+
+def test_a_tie_on_val_acc_goes_to_the_lower_val_loss(tmp_path):
+    def checkpoint(folder: str, **kwargs) -> BestCheckpoint:
+        return BestCheckpoint(dirpath=tmp_path / folder, monitor="val_acc", filename="best-{epoch}", **kwargs)
+
+    assert _best_epoch(tmp_path, checkpoint("lightning", tie_break=None, mode="max")) == 0  # Lightning's: first stays
+    assert _best_epoch(tmp_path, checkpoint("ours", mode="max")) == 3
+    assert [p.name for p in (tmp_path / "ours").iterdir()] == ["best-epoch=3.ckpt"]
+    # Its state is filed under Lightning's own key (older checkpoints resume), with the val_loss of the best.
+    plain = ModelCheckpoint(dirpath=tmp_path / "ours", monitor="val_acc", mode="max", filename="best-{epoch}")
+    assert checkpoint("ours", mode="max").state_key == plain.state_key
+    resumed = checkpoint("ours", mode="max")
+    resumed.load_state_dict(torch.load(tmp_path / "ours" / "best-epoch=3.ckpt")["callbacks"][plain.state_key])
+    assert resumed._tie_value == pytest.approx(0.25)
+    assert Path(resumed.best_model_path).name == "best-epoch=3.ckpt"

@@ -13,14 +13,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from ._io import atomic_write, torch_bytes
 from .adapter import save_adapter
 
-__all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
+__all__ = ["AtomicCheckpointIO", "BestCheckpoint", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a tie on the monitored metric goes to the lower `tie_break` metric.
+
+    A small validation set saturates: with val_acc at 1.0 from the first epoch on, Lightning keeps that first epoch
+    as "best" however much better later epochs fit. Here, with `save_top_k=1`, a later epoch with the same monitored
+    value and a lower `tie_break` (val_loss: plain cross-entropy) becomes the best checkpoint instead.
+
+    Args:
+        tie_break: metric that decides between equal monitored values, lower is better; None keeps the first, as
+            Lightning does.
+        *args, **kwargs: those of ModelCheckpoint.
+    """
+
+    def __init__(self, *args: Any, tie_break: str | None = "val_loss", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tie_break = tie_break
+        self._tie_value: float | None = None  # `tie_break` of the current best checkpoint
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key, so checkpoints written by a plain ModelCheckpoint resume with their best path.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if super().check_monitor_top_k(trainer, current):
+            return True
+        if self.tie_break is None or self.save_top_k != 1 or current is None or self._tie_value is None:
+            return False
+        tie = trainer.callback_metrics.get(self.tie_break)
+        best = self.best_k_models.get(self.kth_best_model_path)
+        better = best is not None and tie is not None and bool(current == best) and float(tie) < self._tie_value
+        return trainer.strategy.reduce_boolean_decision(better)
+
+    def _update_best_and_save(
+        self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]
+    ) -> None:
+        tie = monitor_candidates.get(self.tie_break) if self.tie_break else None
+        if self.save_top_k == 1:  # the checkpoint about to be written is the new best: its state records this
+            self._tie_value = float(tie) if tie is not None else None
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tie_break": self.tie_break, "tie_value": self._tie_value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("tie_break") == self.tie_break:
+            self._tie_value = state_dict.get("tie_value")
 
 
 class SaveBestAdapter(L.Callback):

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .adapter import save_adapter, save_merged
 from .baseline import evaluate_best, fit_head_probe, write_comparison
-from .callbacks import AtomicCheckpointIO, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
+from .callbacks import AtomicCheckpointIO, BestCheckpoint, PlainProgress, PredictionWriter, SaveBestAdapter, run_dir
 from .data import BadFileReport, FolderSource, ImageFolderDataModule, optimize_folder
 from .module import LoRAClassifier
 from .preemption import Preemption
@@ -342,7 +342,7 @@ class VisionLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in _LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_argument(
             "--last_every_n_steps",
             type=int | None,
