@@ -85,10 +85,11 @@ def _build(model_name: str, variant: str, num_classes: int, r: int, alpha: float
 
 
 def _channels_last(model, variant: str) -> bool:
-    """vision_lora runs ConvNets channels-last by default (LoRAClassifier); `full_cl` shows full fine-tuning so."""
+    """vision_lora runs ConvNets channels-last by default (LoRAClassifier), and so does the floor it is measured
+    against (the same frozen model in the same memory format); `full_cl` shows full fine-tuning so."""
     from vision_lora.module import is_convnet
 
-    return variant == "full_cl" or (variant.startswith("vlora") and is_convnet(model))
+    return variant == "full_cl" or ((variant.startswith("vlora") or variant == "floor") and is_convnet(model))
 
 
 def _rss_mb() -> float:

@@ -127,20 +127,29 @@ def _fold(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, groups
     return w
 
 
-def _adapter_grads(g: Tensor, x2: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, groups: int, spans: tuple):
-    """(grad A, grad B) of y = x (W + s·ΔW)ᵀ from the output gradient g (N, out) and the input x2 (N, in), both in
-    g's dtype: two thin GEMMs over g and two over x, never a zero block."""
+def _adapter_grads(
+    g: Tensor, x2: Tensor, lora_A: Tensor, lora_B: Tensor, s: float, groups: int, spans: tuple, c: Tensor | None = None
+):
+    """(grad A, grad B) of y = c ⊙ x (W + s·ΔW)ᵀ from the output gradient g (N, out) and the input x2 (N, in), both
+    in g's dtype; c (R,) scales the adapted rows in B's row order (DoRA; None: 1). Two thin GEMMs over g and two over
+    x, never a zero block, and c is applied to B and to grad B (r columns) instead of to g (out columns)."""
     n, r, _ = lora_A.shape
     dt = g.dtype
     a = lora_A.to(dt)
-    bs = lora_B.to(dt).reshape(-1, r).split([groups * d for _, d in spans])
+    b = lora_B.to(dt).reshape(-1, r)  # (R, r)
+    if c is not None:
+        b = b * c.to(dt)[:, None]
+    sizes = [groups * d for _, d in spans]
+    bs = b.split(sizes)
     gg = g.view(g.shape[0], groups, -1)  # (N, groups, width)
     # (N, groups·d_i) per adapted slice: views for one group, gathered copies for per-head layouts.
     rows = [gg[:, :, off : off + d].reshape(g.shape[0], groups * d) for off, d in spans]
     h = x2 @ a.reshape(n * r, -1).t()  # (N, S·r)
     gb = torch.cat([rows[i] @ bs[i] for i in range(n)], dim=1)  # (N, S·r)
     grad_A = (gb.t() @ x2).mul_(s).view(n, r, -1)  # (S, r, in)
-    grad_B = torch.cat([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (Σ groups·d_i, r)
+    grad_B = torch.cat([rows[i].t() @ h[:, i * r : (i + 1) * r] for i in range(n)]).mul_(s)  # (R, r)
+    if c is not None:
+        grad_B.mul_(c.to(dt)[:, None])
     return grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).view(lora_B.shape)
 
 
@@ -180,7 +189,7 @@ class _SlicedDoRALinear(torch.autograd.Function):
     rows (1 elsewhere), the norm a constant in backward.
 
     One GEMM forward (z = x Vᵀ, kept for the magnitude gradient) and one for the input gradient; the adapter
-    gradients are LoRA's with the output gradient scaled by c, and the magnitude's is Σ_N g ⊙ z / ‖V‖. Tensors as in
+    gradients are LoRA's with c applied to B (c ⊙ g never formed), and the magnitude's is Σ_N g ⊙ z / ‖V‖. Tensors as in
     `_SlicedLoRALinear`, magnitude (Σ groups·d_i,) in B's row order.
     """
 
@@ -204,11 +213,12 @@ class _SlicedDoRALinear(torch.autograd.Function):
         dt = grad.dtype
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
-        gc = g * c.to(dt)  # the gradient with respect to x Vᵀ, (N, out)
-        grad_x = (gc @ w.to(dt)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (gc.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        # The gradient with respect to x Vᵀ is c ⊙ g: c goes onto the (out, in) and (R, r) operands, not onto g.
+        cw = w.to(dt) * c.to(dt)[:, None]  # c ⊙ V: (out, in)
+        grad_x = (g @ cw).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = ((g.t() @ x2) * c.to(dt)[:, None]).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
-        grad_A, grad_B = _adapter_grads(gc, x2, lora_A, lora_B, ctx.scaling, ctx.groups, ctx.spans)
+        grad_A, grad_B = _adapter_grads(g, x2, lora_A, lora_B, ctx.scaling, ctx.groups, ctx.spans, c[rows])
         grad_m = ((g * z.to(dt)).sum(0, dtype=torch.float32)[rows] / norm).to(magnitude.dtype)  # (R,)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, grad_m, None, None, None
 
