@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,7 +75,13 @@ VARIANTS: dict[str, list[str]] = {
     "standard_warm": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.25"],
     "probe_hlr1e-2": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-2", "--model.label_smoothing=0"],
     "light_long": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],  # twice the epochs
+    # Added after the first screen results (standard augmentation ahead of light on both tuning datasets).
+    "standard_ls0": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0"],
+    "standard_lr3e-3": [*STANDARD, "--model.lr=3e-3", "--model.label_smoothing=0.1"],
+    "standard_hlr1e-2": [*STANDARD, "--model.lr=1e-3", "--model.head_lr=1e-2", "--model.label_smoothing=0.1"],
+    "standard_long": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],  # twice the epochs
 }
+LONG = ("light_long", "standard_long")
 BASELINES = ("probe", "old_defaults", "old_quickstart", "peft")
 NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
 CONFIRM_REFERENCES = ("probe", "peft")  # the goals compare the defaults with these
@@ -112,6 +119,7 @@ def run_cli(data: Path, variant: str, seed: int, px: int, epochs: int | None, wo
         args += ["--model.weights=offline", "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}"]
         args += VARIANTS[variant]
     args += list(DATASETS[data.name].extra_args)
+    shutil.rmtree(work / name, ignore_errors=True)  # a run stopped part-way is started again from scratch
     start = time.perf_counter()
     main(["fit", *args])
     run = work / name / "version_0"
@@ -207,7 +215,7 @@ def screen_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
     for variant in VARIANTS:
         for dataset in (d for d in TUNING if d in datasets):
             epochs = screen_epochs(train_count(folders[dataset]))
-            plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant == "light_long" else 1)))
+            plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant in LONG else 1)))
     return plan
 
 
@@ -233,7 +241,7 @@ def confirm_plan(datasets: list[str], folders: dict[str, Path], results: dict, t
         for dataset in order:
             for variant in variants:
                 epochs = screen_epochs(train_count(folders[dataset]))
-                plan.append(("confirm", dataset, variant, seed, 128, epochs * (2 if variant == "light_long" else 1)))
+                plan.append(("confirm", dataset, variant, seed, 128, epochs * (2 if variant in LONG else 1)))
     return plan
 
 
