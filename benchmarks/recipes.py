@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import shutil
@@ -87,13 +86,6 @@ NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
 CONFIRM_REFERENCES = ("probe", "peft")  # the goals compare the defaults with these
 # The CLI with nothing but backbone, data and resolution: whatever `vision-lora fit` does by default now.
 NEW_DEFAULTS = "new_defaults"
-
-
-def screen_epochs(train_images: int, batch_size: int = 32) -> int:
-    """Epochs of the runs: about 150 optimizer steps, 5 to 30 epochs (the candidate rule of the CLI; "light_long"
-    doubles it)."""
-    steps_per_epoch = math.ceil(train_images / batch_size)
-    return max(5, min(30, math.ceil(150 / steps_per_epoch)))
 
 
 def train_count(folder: Path) -> int:
@@ -209,13 +201,19 @@ def key(stage: str, dataset: str, variant: str, seed: int, px: int) -> str:
     return f"{stage}/{dataset}/{variant}/seed{seed}/{px}px"
 
 
+def run_epochs(folder: Path, variant: str, batch_size: int = 32) -> int:
+    """The epochs `vision-lora fit` chooses for this folder (`recipe.epochs_for`), twice that for the LONG variants."""
+    from vision_lora.recipe import epochs_for
+
+    return epochs_for(train_count(folder), batch_size) * (2 if variant in LONG else 1)
+
+
 def screen_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
     """Every variant, seed 0, 96 px, on the tuning datasets only: the held-out ones never take part in the choice."""
     plan = []
     for variant in VARIANTS:
         for dataset in (d for d in TUNING if d in datasets):
-            epochs = screen_epochs(train_count(folders[dataset]))
-            plan.append(("screen", dataset, variant, 0, 96, epochs * (2 if variant in LONG else 1)))
+            plan.append(("screen", dataset, variant, 0, 96, run_epochs(folders[dataset], variant)))
     return plan
 
 
@@ -240,8 +238,7 @@ def confirm_plan(datasets: list[str], folders: dict[str, Path], results: dict, t
     for seed in (0, 1, 2):
         for dataset in order:
             for variant in variants:
-                epochs = screen_epochs(train_count(folders[dataset]))
-                plan.append(("confirm", dataset, variant, seed, 128, epochs * (2 if variant in LONG else 1)))
+                plan.append(("confirm", dataset, variant, seed, 128, run_epochs(folders[dataset], variant)))
     return plan
 
 
@@ -253,7 +250,8 @@ def load(path: Path) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write `state`, merged with runs other shards wrote meanwhile (under a lock: shards share the file)."""
+    """Write `state`, merged with the runs other study processes wrote meanwhile (under a lock: they share the file;
+    split the work between them with --datasets / --variants)."""
     import fcntl
 
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -262,8 +260,7 @@ def save(path: Path, state: dict) -> None:
         state["runs"] = {**on_disk["runs"], **state["runs"]}
         commands = on_disk["meta"].get("commands", [])
         state["meta"]["commands"] = commands + [c for c in state["meta"].get("commands", []) if c not in commands]
-        seconds = sum(r.get("seconds", 0) for r in state["runs"].values())
-        state["meta"]["wall_seconds"] = round(seconds, 1)
+        state["meta"].pop("wall_seconds", None)  # the summary adds up the runs' own seconds
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         os.replace(tmp, path)
@@ -340,7 +337,6 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="screened candidates to confirm")
     parser.add_argument("--budget-minutes", type=float, default=600, help="start no run after this long")
     parser.add_argument("--summary", action="store_true", help="print the tables and exit")
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th planned run from the i-th (n processes)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     args = parser.parse_args()
 
@@ -351,7 +347,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
-    shard, shards = (int(n) for n in args.shard.split("/"))
     folders = build(args.data, args.datasets)
     meta = state["meta"]
     meta.setdefault("started", date.today().isoformat())
@@ -371,10 +366,10 @@ def main() -> None:
         plan = screen_plan(args.datasets, folders) if stage == "screen" else None
         if stage == "confirm":
             plan = confirm_plan(args.datasets, folders, state["runs"], args.top)
-        for i, (st, dataset, variant, seed, px, epochs) in enumerate(plan):
+        for st, dataset, variant, seed, px, epochs in plan:
             k = key(st, dataset, variant, seed, px)
-            state["runs"] = {**load(args.out)["runs"], **state["runs"]}  # what other shards finished
-            if i % shards != shard or k in state["runs"] or (args.variants and variant not in args.variants):
+            state["runs"] = {**load(args.out)["runs"], **state["runs"]}  # what other processes finished
+            if k in state["runs"] or (args.variants and variant not in args.variants):
                 continue
             if time.perf_counter() - began > 60 * args.budget_minutes:
                 print(f"budget of {args.budget_minutes} min spent; rerun to continue", flush=True)

@@ -102,12 +102,12 @@ class _SaturatedVal(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _best_epoch(tmp_path: Path, callback: BestCheckpoint, epochs: int = 4, ckpt_path: str | None = None) -> int:
+def _best_epoch(tmp_path: Path, callback: BestCheckpoint) -> int:
     data = DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=2)
     trainer = L.Trainer(
-        max_epochs=epochs, callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False
+        max_epochs=4, callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    trainer.fit(_SaturatedVal(), data, data, ckpt_path=ckpt_path)
+    trainer.fit(_SaturatedVal(), data, data)
     return int(Path(callback.best_model_path).stem.split("epoch=")[1].split("-")[0])
 
 

@@ -139,8 +139,7 @@ def _adapter_grads(
     b = lora_B.to(dt).reshape(-1, r)  # (R, r)
     if c is not None:
         b = b * c.to(dt)[:, None]
-    sizes = [groups * d for _, d in spans]
-    bs = b.split(sizes)
+    bs = b.split([groups * d for _, d in spans])
     gg = g.view(g.shape[0], groups, -1)  # (N, groups, width)
     # (N, groups·d_i) per adapted slice: views for one group, gathered copies for per-head layouts.
     rows = [gg[:, :, off : off + d].reshape(g.shape[0], groups * d) for off, d in spans]
@@ -214,9 +213,9 @@ class _SlicedDoRALinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (N, in)
         # The gradient with respect to x Vᵀ is c ⊙ g: c goes onto the (out, in) and (R, r) operands, not onto g.
-        cw = w.to(dt) * c.to(dt)[:, None]  # c ⊙ V: (out, in)
-        grad_x = (g @ cw).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = ((g.t() @ x2) * c.to(dt)[:, None]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        c2 = c.to(dt)[:, None]  # (out, 1)
+        grad_x = (g @ (w.to(dt) * c2)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None  # g (c ⊙ V)
+        grad_w = ((g.t() @ x2) * c2).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0) if ctx.needs_input_grad[2] else None
         grad_A, grad_B = _adapter_grads(g, x2, lora_A, lora_B, ctx.scaling, ctx.groups, ctx.spans, c[rows])
         grad_m = ((g * z.to(dt)).sum(0, dtype=torch.float32)[rows] / norm).to(magnitude.dtype)  # (R,)
