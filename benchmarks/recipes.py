@@ -260,7 +260,6 @@ def save(path: Path, state: dict) -> None:
         state["runs"] = {**on_disk["runs"], **state["runs"]}
         commands = on_disk["meta"].get("commands", [])
         state["meta"]["commands"] = commands + [c for c in state["meta"].get("commands", []) if c not in commands]
-        state["meta"].pop("wall_seconds", None)  # the summary adds up the runs' own seconds
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         os.replace(tmp, path)
