@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from recipe_datasets import DATASETS, build  # noqa: E402
 
 # The defaults are chosen on these; the goals are checked on the others.
-TUNING = ("textures", "scenes")
+TUNING = ("textures", "scenes", "tints", "fewshot_tune")
 HELD_OUT = ("orientation", "colour", "fewshot")
 BACKBONE = "tf_efficientnet_lite0"
 
@@ -79,6 +79,10 @@ VARIANTS: dict[str, list[str]] = {
     "standard_lr3e-3": [*STANDARD, "--model.lr=3e-3", "--model.label_smoothing=0.1"],
     "standard_hlr1e-2": [*STANDARD, "--model.lr=1e-3", "--model.head_lr=1e-2", "--model.label_smoothing=0.1"],
     "standard_long": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],  # twice the epochs
+    # Added for the two regimes the first held-out results exposed (tuning sets tints and fewshot_tune).
+    "standard_nojitter": [*STANDARD, "--data.color_jitter=null", "--model.lr=1e-3", "--model.label_smoothing=0.1"],
+    "light_warm50": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1", "--model.head_warmup=0.5"],
+    "light_lr3e-4": [*LIGHT, "--model.lr=3e-4", "--model.head_lr=1e-3", "--model.label_smoothing=0.1"],
 }
 LONG = ("light_long", "standard_long")
 BASELINES = ("probe", "old_defaults", "old_quickstart", "peft")
@@ -229,10 +233,13 @@ def best_candidates(results: dict, top: int) -> list[str]:
     return sorted(scores, key=scores.get, reverse=True)[:top]
 
 
-def confirm_plan(datasets: list[str], folders: dict[str, Path], results: dict, top: int) -> list[tuple]:
-    """Seeds 0, 1, 2 at 128 px of the references (probe, PEFT), the new CLI defaults and the best screened candidates;
-    the held-out datasets first (the goals are checked there), seed by seed, so a partial run is balanced."""
-    variants = [*CONFIRM_REFERENCES, NEW_DEFAULTS, *best_candidates(results, top)]
+def confirm_plan(
+    datasets: list[str], folders: dict[str, Path], results: dict, top: int, only: list[str] | None = None
+) -> list[tuple]:
+    """Seeds 0, 1, 2 at 128 px of the references (probe, PEFT), the new CLI defaults and the best screened candidates
+    (or of the variants `only`); the held-out datasets first (the goals are checked there), seed by seed, so a partial
+    run is balanced."""
+    variants = only or [*CONFIRM_REFERENCES, NEW_DEFAULTS, *best_candidates(results, top)]
     order = [d for d in (*HELD_OUT, *TUNING) if d in datasets]
     plan = []
     for seed in (0, 1, 2):
@@ -332,7 +339,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_runs")
     parser.add_argument("--stage", choices=("screen", "confirm", "all"), default="all")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="only these variants (default: screen all; confirm the references, the defaults and the --top screened)",
+    )
     parser.add_argument("--top", type=int, default=3, help="screened candidates to confirm")
     parser.add_argument("--budget-minutes", type=float, default=600, help="start no run after this long")
     parser.add_argument("--summary", action="store_true", help="print the tables and exit")
@@ -364,7 +376,7 @@ def main() -> None:
     for stage in stages:
         plan = screen_plan(args.datasets, folders) if stage == "screen" else None
         if stage == "confirm":
-            plan = confirm_plan(args.datasets, folders, state["runs"], args.top)
+            plan = confirm_plan(args.datasets, folders, state["runs"], args.top, args.variants)
         for st, dataset, variant, seed, px, epochs in plan:
             k = key(st, dataset, variant, seed, px)
             state["runs"] = {**load(args.out)["runs"], **state["runs"]}  # what other processes finished
