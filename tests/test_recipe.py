@@ -36,14 +36,17 @@ def test_epochs_follow_the_dataset_size():
     assert augment_for(AUGMENT_STANDARD_FROM * 3, 3) == "standard"
 
 
-def test_tiny_folder_gets_the_light_recipe_and_the_saved_config_says_so(image_folder, tmp_path, monkeypatch, caplog):
+def test_tiny_folder_gets_the_light_recipe_and_the_saved_config_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    per_class = AUGMENT_STANDARD_FROM - 1
+    root = make_image_folder(tmp_path / "tiny", {"train": per_class, "val": 4, "test": 4})
     fast = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--data.augment=auto"]
     with caplog.at_level(logging.INFO):
-        main(["fit", *FAST, *fast, f"--data.root={image_folder}"])  # no epoch count
+        main(["fit", *FAST, *fast, f"--data.root={root}"])  # no epoch count
     printed = _recipe_lines(caplog)
-    assert printed["data.augment"] == "recipe: data.augment=light (12 training images per class)"
-    assert printed["trainer.max_epochs"].startswith(f"recipe: trainer.max_epochs={MAX_EPOCHS} (36 training images")
+    assert printed["data.augment"] == f"recipe: data.augment=light ({per_class} training images per class)"
+    expected = f"recipe: trainer.max_epochs={MAX_EPOCHS} ({3 * per_class} training images"
+    assert printed["trainer.max_epochs"].startswith(expected)
     config = _saved_config(tmp_path)
     assert config["data"]["augment"] == "light" and config["trainer"]["max_epochs"] == MAX_EPOCHS
     assert config["model"]["weights"] == "random"  # FAST's; the command's own default is "pretrained"

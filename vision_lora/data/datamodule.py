@@ -33,8 +33,8 @@ STAGES = ("train", "val", "test", "predict")
 AUGMENTS = ("auto", "none", "light", "standard")
 # From this many training images per class on, "auto" augmentation is "standard" (random-resized crops and colour
 # jitter), below it "light" (resize + flip). The recipe study (benchmarks/recipes.py) measured standard ahead of light
-# at 40 and 60 images per class; 40 is the smallest size it measured.
-AUGMENT_STANDARD_FROM = 40
+# at 10, 40 and 60 images per class; 10 is the smallest size it measured.
+AUGMENT_STANDARD_FROM = 10
 
 
 def augment_for(train_images: int, num_classes: int) -> str:
