@@ -91,28 +91,6 @@ def by_region(out: Path, photos: tuple[str, ...], counts: dict[str, int], size: 
             _write(out / split / name, [crop(pixels, rng, region, size) for _ in range(count)])
 
 
-def labelled_by_region(
-    out: Path,
-    labels: tuple[str, ...],
-    change: Callable[[Image.Image, str, np.random.Generator], Image.Image],
-    photos: tuple[str, ...],
-    counts: dict[str, int],
-    seed: int,
-) -> None:
-    """Classes are `labels` applied by `change` to crops of any of `photos`; train and val crops from the left 60% of
-    the photos, test crops from the right 40%."""
-    rng = np.random.default_rng(seed)
-    pool = [photo(n) for n in photos]
-    for split, count in counts.items():
-        region = (0.6, 1.0) if split == "test" else (0.0, 0.6)
-        for label in labels:
-            images = []
-            for _ in range(count):
-                pixels = pool[int(rng.integers(len(pool)))]
-                images.append(change(crop(pixels, rng, region, (0.3, 0.6)), label, rng))
-            _write(out / split / label, images)
-
-
 def _orient(image: Image.Image, label: str, rng: np.random.Generator) -> Image.Image:
     if label == "upright":
         return image
@@ -141,25 +119,30 @@ def _tint(image: Image.Image, label: str, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
 
 
-def by_photo(
+def labelled(
     out: Path,
     labels: tuple[str, ...],
     change: Callable[[Image.Image, str, np.random.Generator], Image.Image],
     photos: dict[str, tuple[str, ...]],
     counts: dict[str, int],
     seed: int,
+    by_region: bool = False,
 ) -> None:
-    """Classes are `labels` applied by `change` to crops of photos; train and val use the training photos, test the
-    others."""
+    """Classes are `labels` applied by `change` to crops of photos. Train and val crops come from `photos["train"]`,
+    test crops from `photos["test"]`; with `by_region`, train and val crops lie in the left 60% of the photos and test
+    crops in the right 40%."""
     rng = np.random.default_rng(seed)
     sources = {split: [photo(n) for n in photos[split]] for split in ("train", "test")}
     for split, count in counts.items():
         pool = sources["test" if split == "test" else "train"]
+        region, size = ((0.0, 1.0), (0.3, 0.8))
+        if by_region:
+            region, size = ((0.6, 1.0) if split == "test" else (0.0, 0.6)), (0.3, 0.6)
         for label in labels:
             images = []
             for _ in range(count):
                 pixels = pool[int(rng.integers(len(pool)))]
-                images.append(change(crop(pixels, rng, (0.0, 1.0), (0.3, 0.8)), label, rng))
+                images.append(change(crop(pixels, rng, region, size), label, rng))
             _write(out / split / label, images)
 
 
@@ -188,7 +171,7 @@ DATASETS: dict[str, Dataset] = {
         ),
         Dataset(
             "tints",
-            lambda out: by_photo(
+            lambda out: labelled(
                 out,
                 ("neutral", "red", "green", "blue"),
                 _tint,
@@ -205,19 +188,20 @@ DATASETS: dict[str, Dataset] = {
         ),
         Dataset(
             "orientation",
-            lambda out: labelled_by_region(
+            lambda out: labelled(
                 out,
                 ("upright", "upside_down", "sideways"),
                 _orient,
-                ORIENTATION,
+                {"train": ORIENTATION, "test": ORIENTATION},
                 {"train": 120, "val": 40, "test": 60},
                 seed=3,
+                by_region=True,
             ),
             "upright / upside down / sideways crops of 11 photos; test from other regions of the photos",
         ),
         Dataset(
             "colour",
-            lambda out: by_photo(
+            lambda out: labelled(
                 out,
                 ("neutral", "grey", "warm", "cool"),
                 _cast,
