@@ -126,17 +126,17 @@ def labelled(
     photos: dict[str, tuple[str, ...]],
     counts: dict[str, int],
     seed: int,
-    by_region: bool = False,
+    split_by_region: bool = False,
 ) -> None:
     """Classes are `labels` applied by `change` to crops of photos. Train and val crops come from `photos["train"]`,
-    test crops from `photos["test"]`; with `by_region`, train and val crops lie in the left 60% of the photos and test
-    crops in the right 40%."""
+    test crops from `photos["test"]`; with `split_by_region`, train and val crops lie in the left 60% of the photos
+    and test crops in the right 40%."""
     rng = np.random.default_rng(seed)
     sources = {split: [photo(n) for n in photos[split]] for split in ("train", "test")}
     for split, count in counts.items():
         pool = sources["test" if split == "test" else "train"]
         region, size = ((0.0, 1.0), (0.3, 0.8))
-        if by_region:
+        if split_by_region:
             region, size = ((0.6, 1.0) if split == "test" else (0.0, 0.6)), (0.3, 0.6)
         for label in labels:
             images = []
@@ -195,7 +195,7 @@ DATASETS: dict[str, Dataset] = {
                 {"train": ORIENTATION, "test": ORIENTATION},
                 {"train": 120, "val": 40, "test": 60},
                 seed=3,
-                by_region=True,
+                split_by_region=True,
             ),
             "upright / upside down / sideways crops of 11 photos; test from other regions of the photos",
         ),
