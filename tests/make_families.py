@@ -17,7 +17,7 @@ from pathlib import Path
 import timm
 import torch
 
-from vision_lora.inject import _attention_projections, _class_key, qkv_layout
+from vision_lora.lora.targets import _attention_projections, _class_key, qkv_layout
 
 OUT = Path(__file__).with_name("families.json")
 

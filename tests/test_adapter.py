@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, save_merged
-from vision_lora.inject import lora_layers
+from vision_lora.lora import lora_layers
 
 
 def _base(name, num_classes=4):

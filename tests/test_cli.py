@@ -227,7 +227,7 @@ def test_export_from_checkpoint_and_adapter(image_folder, backbone_file, tmp_pat
     from timm.data import create_transform
 
     from vision_lora import LoRAClassifier, load_rgb
-    from vision_lora.export import read_onnx_metadata
+    from vision_lora.deploy import read_onnx_metadata
 
     monkeypatch.chdir(tmp_path)
     weights = backbone_file("test_resnet")
@@ -263,7 +263,7 @@ def test_dora_fit_exports_to_onnx_and_peft_and_a_peft_adapter_trains_on(
 ):
     from safetensors.torch import load_file
 
-    from vision_lora.export import load_model
+    from vision_lora.checkpoint import load_model
 
     monkeypatch.chdir(tmp_path)
     weights = backbone_file("test_resnet")

@@ -17,7 +17,8 @@ from helpers import quiet_trainer
 from PIL import ExifTags, Image
 from timm.data import resolve_model_data_config
 
-from vision_lora.data import BadFileReport, BadSample, ImageFolderDataModule, SkipBadCollate, load_rgb
+from vision_lora.callbacks import BadFileReport
+from vision_lora.data import BadSample, ImageFolderDataModule, SkipBadCollate, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = {"bird": (30, 30, 200), "cat": (200, 30, 30), "dog": (30, 200, 30)}

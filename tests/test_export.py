@@ -11,10 +11,10 @@ import torch
 from timm.layers import Conv2dSame
 
 from vision_lora import LoRAConfig, apply_lora, merge_lora
-from vision_lora import export as export_module
-from vision_lora.export import export_onnx, load_model, quantize_int8, read_onnx_metadata
-from vision_lora.inject import lora_layers
-from vision_lora.layers import LoRALayer
+from vision_lora.checkpoint import load_model
+from vision_lora.deploy import export_onnx, quantize_int8, read_onnx_metadata
+from vision_lora.deploy import onnx as export_module
+from vision_lora.lora import LoRALayer, lora_layers
 
 CLASS_NAMES = ["golden retriever", "crème brûlée", "日本語 ラベル", 'a/b "quoted"']
 
@@ -188,13 +188,13 @@ class _BatchDependent(torch.nn.Module):
 @pytest.mark.parametrize("cause", ["batch-dependent forward", "static trace"])
 def test_fixed_batch_dimension_is_rejected(tmp_path, monkeypatch, cause):
     seen = []
-    real_check = export_module._check_graph
+    real_check = export_module.check_graph
 
     def spy_check(proto):
         seen.append(proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
         real_check(proto)
 
-    monkeypatch.setattr(export_module, "_check_graph", spy_check)
+    monkeypatch.setattr(export_module, "check_graph", spy_check)
     model = _BatchDependent()
     if cause == "static trace":
         model = _tiny_classifier()

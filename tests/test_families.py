@@ -14,8 +14,7 @@ from qkv_probe import attention_inputs, changed
 from torch import nn
 
 from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, save_merged
-from vision_lora.inject import classifier_names, lora_layers, qkv_layout
-from vision_lora.layers import LoRAQKVLinear, QKVLayout
+from vision_lora.lora import LoRAQKVLinear, QKVLayout, classifier_names, lora_layers, qkv_layout
 
 
 def _first_fused_qkv(model: nn.Module) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vision_lora import LoRAConfig, LoRALayer, apply_lora, merge_lora
-from vision_lora.inject import lora_layers, resolve_targets
+from vision_lora.lora import lora_layers, resolve_targets
 
 FAMILIES = {
     "vit": lambda: timm.create_model("test_vit", num_classes=5),

@@ -6,7 +6,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from vision_lora import LoRAConv2d, LoRALinear, LoRAQKVLinear
-from vision_lora.layers import QKVLayout
+from vision_lora.lora import QKVLayout
 
 
 def _randomize(layer):

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from vision_lora.inject import classifier_names, lora_layers
-from vision_lora.layers import LoRAQKVLinear, QKVLayout
+from vision_lora.lora import LoRAQKVLinear, QKVLayout, classifier_names, lora_layers
 
 _SIDE = Path(__file__).with_name("peft_side.py")
 
@@ -186,7 +185,7 @@ def test_peft_adapters_load_in_vision_lora_to_the_same_logits_and_convert_back(r
 
 def test_per_slice_qkv_is_exactly_a_rank_2r_lora_on_the_whole_projection():
     """For any row layout (here per head, v wider): stacked A, block B, the scale kept through alpha."""
-    from vision_lora.peft_format import _peft_factors
+    from vision_lora.lora.peft_format import _peft_factors
 
     for use_rslora in (False, True):
         layer = LoRAQKVLinear(torch.nn.Linear(12, 44), 3, 5, use_rslora=use_rslora, layout=QKVLayout(4, 3, 3, 5))
@@ -201,7 +200,7 @@ def test_per_slice_qkv_is_exactly_a_rank_2r_lora_on_the_whole_projection():
 
 
 def test_dora_on_some_qkv_slices_converts_with_the_row_norm_as_magnitude():
-    from vision_lora.peft_format import _peft_factors
+    from vision_lora.lora.peft_format import _peft_factors
 
     layer = LoRAQKVLinear(torch.nn.Linear(12, 36), 2, 4, slices="qv", use_dora=True)
     _, _, magnitude, _ = _peft_factors("qkv", layer)

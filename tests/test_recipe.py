@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vision_lora.callbacks import BestCheckpoint
 from vision_lora.cli import main
-from vision_lora.data import AUGMENT_STANDARD_FROM, augment_for
-from vision_lora.recipe import MAX_EPOCHS, MIN_EPOCHS, epochs_for
+from vision_lora.recipe import AUGMENT_STANDARD_FROM, MAX_EPOCHS, MIN_EPOCHS, augment_for, epochs_for
 
 
 def _recipe_lines(caplog) -> dict[str, str]:

@@ -13,7 +13,7 @@ import torch
 from helpers import FAST
 from PIL import Image
 
-from vision_lora.cli import main, resolve_checkpoint
+from vision_lora.cli import main
 from vision_lora.reports import (
     History,
     Predictions,
@@ -24,6 +24,7 @@ from vision_lora.reports import (
     plot_curves,
     write_errors,
 )
+from vision_lora.runs import resolve_checkpoint
 
 
 def _png(path: Path, min_size: tuple[int, int] = (300, 300)) -> Image.Image:

@@ -29,8 +29,9 @@ from helpers import FAST
 from PIL import Image
 
 from vision_lora.cli import main
-from vision_lora.export import read_onnx_metadata
-from vision_lora.preprocess import ImageTooLargeError, decode_image, eval_stages, eval_transform
+from vision_lora.data.decode import ImageTooLargeError, decode_image
+from vision_lora.deploy import read_onnx_metadata
+from vision_lora.preprocess import eval_stages, eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF"}

@@ -1,8 +1,21 @@
 """LoRA fine-tuning of timm image classifiers."""
 
-from .adapter import load_adapter, read_adapter_config, save_adapter, save_merged
-from .inject import PRESETS, LoRAConfig, LoRAReport, apply_lora, merge_lora
-from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
+from .errors import VisionLoRAError
+from .lora import (
+    PRESETS,
+    LoRAConfig,
+    LoRAConv2d,
+    LoRALayer,
+    LoRALinear,
+    LoRAQKVLinear,
+    LoRAReport,
+    apply_lora,
+    load_adapter,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+    save_merged,
+)
 from .weights import create_backbone
 
 __all__ = [
@@ -10,6 +23,7 @@ __all__ = [
     "ImageFolderDataModule",
     "LoRAClassifier",
     "export_onnx",
+    "load_model",
     "load_rgb",
     "LoRAConfig",
     "LoRAConv2d",
@@ -17,6 +31,7 @@ __all__ = [
     "LoRALinear",
     "LoRAQKVLinear",
     "LoRAReport",
+    "VisionLoRAError",
     "apply_lora",
     "create_backbone",
     "load_adapter",
@@ -27,8 +42,14 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# The Lightning pieces import lightning (slow); they load on first use: `from vision_lora import LoRAClassifier`.
-_LAZY = {"LoRAClassifier": "module", "ImageFolderDataModule": "data", "load_rgb": "data", "export_onnx": "export"}
+# Lightning and the data pipeline import slowly; these load on first use: `from vision_lora import LoRAClassifier`.
+_LAZY = {
+    "LoRAClassifier": "module",
+    "ImageFolderDataModule": "data",
+    "load_rgb": "data",
+    "export_onnx": "deploy.onnx",
+    "load_model": "checkpoint",
+}
 
 
 def __getattr__(name: str):

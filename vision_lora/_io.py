@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import VisionLoRAError
+
 __all__ = ["atomic_write", "model_name", "package_versions", "torch_bytes", "write_error"]
 
 
@@ -82,11 +84,11 @@ def model_name(model: nn.Module) -> str:
     """The timm architecture name of `model` (`pretrained_cfg['architecture']`).
 
     Raises:
-        ValueError: the model was not created by `timm.create_model`.
+        VisionLoRAError: the model was not created by `timm.create_model`.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "architecture" not in cfg:
-        raise ValueError(
+        raise VisionLoRAError(
             "The model has no timm pretrained_cfg['architecture']; create it with timm.create_model "
             "(or give the timm model name explicitly)."
         )
@@ -98,7 +100,7 @@ def load_safetensors(path: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: the file is not a complete safetensors file (truncated, another format, a pickle).
+        VisionLoRAError: the file is not a complete safetensors file (truncated, another format, a pickle).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -109,7 +111,7 @@ def load_safetensors(path: str | os.PathLike) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
+        raise VisionLoRAError(
             f"{path} is not a readable safetensors file ({err}); it may be truncated or in another format "
             f"(a pickled .bin is not read: convert it with safetensors first)."
         ) from None

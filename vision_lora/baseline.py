@@ -13,7 +13,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .data import BadFileReport, ImageFolderDataModule
+from .callbacks import BadFileReport
+from .data import ImageFolderDataModule
+from .errors import VisionLoRAError
 from .module import LoRAClassifier
 
 __all__ = ["BaselineResult", "evaluate_best", "fit_head_probe", "write_comparison"]
@@ -59,7 +61,7 @@ def evaluate_best(
             trainer.loggers = loggers
         return BaselineResult(name, "test", float(metrics[0]["test_acc"]), val_acc, str(best))
     if val_acc is None:
-        raise ValueError(f"--baseline head: the {name} run has no val accuracy to compare; keep validation on.")
+        raise VisionLoRAError(f"--baseline head: the {name} run has no val accuracy to compare; keep validation on.")
     return BaselineResult(name, "val", val_acc, val_acc, str(best))
 
 
@@ -70,11 +72,13 @@ def fit_head_probe(
     options, into `out_dir`; return the accuracy of its best checkpoint.
 
     Raises:
-        ValueError: `model` already trains the head alone.
+        VisionLoRAError: `model` already trains the head alone.
     """
     if model.hparams.head_warmup >= 1.0:
-        raise ValueError("--baseline head compares LoRA with the head alone, but model.head_warmup=1 already trains "
-                         "the head alone; lower model.head_warmup or drop --baseline.")  # fmt: skip
+        raise VisionLoRAError(
+            "--baseline head compares LoRA with the head alone, but model.head_warmup=1 already trains "
+            "the head alone; lower model.head_warmup or drop --baseline."
+        )
     options = {k: v for k, v in model.hparams.items() if k in inspect.signature(LoRAClassifier).parameters}
     probe = LoRAClassifier(**{**options, "head_warmup": 1.0})
     probe.load_state_dict(model.state_dict())  # the same backbone and starting head as the LoRA run

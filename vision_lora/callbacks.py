@@ -1,5 +1,5 @@
 """Lightning plumbing around a run: crash-safe checkpoints, the best adapter at the end of fit, predictions CSV,
-progress lines for logs without a terminal."""
+progress lines for logs without a terminal, the report of unreadable images."""
 
 from __future__ import annotations
 
@@ -18,9 +18,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from ._io import atomic_write, torch_bytes
-from .adapter import save_adapter
+from .errors import VisionLoRAError
+from .lora.adapter import save_adapter
 
-__all__ = ["AtomicCheckpointIO", "BestCheckpoint", "PlainProgress", "PredictionWriter", "SaveBestAdapter", "run_dir"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "BadFileReport",
+    "BestCheckpoint",
+    "PlainProgress",
+    "PredictionWriter",
+    "SaveBestAdapter",
+    "run_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +49,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Write `checkpoint` atomically.
 
         Raises:
-            ValueError: a weight is NaN or infinite: such a checkpoint is never written over a good one.
+            VisionLoRAError: a weight is NaN or infinite: such a checkpoint is never written over a good one.
         """
         for key, value in checkpoint.get("state_dict", {}).items():
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"Refusing to write {path}: {key} holds NaN or infinite values (training diverged).")
+                raise VisionLoRAError(
+                    f"Refusing to write {path}: {key} holds NaN or infinite values (training diverged)."
+                )
         data = torch_bytes(checkpoint)
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -280,3 +291,25 @@ class PlainProgress(ProgressBar):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._eval_batch(trainer, "predict", batch_idx + 1, trainer.num_predict_batches[dataloader_idx])
+
+
+class BadFileReport(L.Callback):
+    """Reports the unreadable images a DataModule skipped, at the end of each train, val, test and predict epoch
+    (see `ImageFolderDataModule.report_bad_files`)."""
+
+    def _report(self, trainer: L.Trainer, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not trainer.sanity_checking and hasattr(datamodule, "report_bad_files"):
+            datamodule.report_bad_files(stage)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, "test")
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, "predict")

@@ -19,9 +19,12 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .adapter import adapter_state_dict, load_adapter
-from .data import preprocessing_config
-from .inject import LoRAConfig, apply_lora, classifier_names, lora_report
+from .errors import VisionLoRAError
+from .lora.adapter import adapter_state_dict, load_adapter
+from .lora.config import LoRAConfig
+from .lora.inject import apply_lora, lora_report
+from .lora.targets import classifier_names
+from .preprocess import complete_data_config, data_config_record, resolve_data_config
 from .weights import create_backbone
 
 __all__ = ["LoRAClassifier", "lr_factor"]
@@ -52,7 +55,7 @@ def _check_lora_options(lora: dict) -> None:
     if unknown:
         known = [*inspect.signature(LoRAClassifier.__init__).parameters, *LoRAConfig.__dataclass_fields__]
         close = difflib.get_close_matches(unknown[0], known, n=1)
-        raise ValueError(
+        raise VisionLoRAError(
             f"LoRAClassifier has no option {unknown[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
         )
 
@@ -108,8 +111,8 @@ class LoRAClassifier(L.LightningModule):
         cutmix_alpha: timm cutmix alpha; 0 disables cutmix.
         drop_path_rate: stochastic depth of the backbone; None keeps timm's default.
         grad_checkpointing: timm activation checkpointing of the backbone blocks (less memory, more compute).
-        channels_last: run the model in channels-last memory format; None: on for ConvNets (about 30% faster LoRA
-            training steps on the CPU), off for ViTs.
+        channels_last: run the model in channels-last memory format; None: on for ConvNets (faster LoRA training
+            steps on the CPU; docs/benchmarks.md), off for ViTs.
         input_size: side (or [H, W]) of the network input; None: the backbone's timm data config.
         mean: per-channel normalisation mean; None: the backbone's timm data config.
         std: per-channel normalisation std; None: the backbone's timm data config.
@@ -150,9 +153,9 @@ class LoRAClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+            raise VisionLoRAError(f"{len(class_names)} class names given for num_classes={num_classes}.")
         if not 0.0 <= head_warmup <= 1.0:
-            raise ValueError(f"head_warmup is a fraction of the training steps in [0, 1], got {head_warmup}.")
+            raise VisionLoRAError(f"head_warmup is a fraction of the training steps in [0, 1], got {head_warmup}.")
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
         _check_lora_options(lora)
@@ -165,14 +168,11 @@ class LoRAClassifier(L.LightningModule):
         self.model = create_backbone(backbone, num_classes=num_classes, weights=weights, **kwargs)
         overrides = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation}
         overrides["crop_pct"] = crop_pct
-        for name in ("mean", "std"):
-            if overrides[name] is not None and len(overrides[name]) != 3:
-                raise ValueError(f"{name} needs three values (R, G, B), got {tuple(overrides[name])}.")
         self.data_config = (
-            dict(data_config) if data_config else preprocessing_config(self.model.pretrained_cfg, overrides)
+            complete_data_config(data_config) if data_config else resolve_data_config(self.model, overrides)
         )
         # Recorded resolved, so that a checkpoint does not depend on the timm version that reads it.
-        self.hparams["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
+        self.hparams["data_config"] = data_config_record(self.data_config)
         if init_adapter is None:
             self.report = apply_lora(self.model, self.lora_config)
         else:
@@ -180,6 +180,10 @@ class LoRAClassifier(L.LightningModule):
             self.lora_config = self.model.lora_config
             self.hparams.update(self.lora_config.to_dict())
             self.report = lora_report(self.model)
+            # The checkpoint stands alone: its weights are the adapter's from here on and its LoRA options rebuild
+            # the same layers, so what it records is that config, not the folder (which may be deleted).
+            self.hparams["init_adapter"] = None
+        self._init_adapter = init_adapter
         if head_warmup >= 1.0:  # the head-only probe: nothing of LoRA trains (and no backward through it)
             for name, p in self.model.named_parameters():
                 if "lora_" in name:
@@ -259,7 +263,7 @@ class LoRAClassifier(L.LightningModule):
         """Stop the run at the first non-finite loss, before its gradients touch the weights.
 
         Raises:
-            ValueError: the loss is NaN or infinite (the message gives the step, the learning rates and the last
+            VisionLoRAError: the loss is NaN or infinite (the message gives the step, the learning rates and the last
                 finite loss; the checkpoints on disk still hold the last good weights).
         """
         value = float(loss.detach())
@@ -270,7 +274,7 @@ class LoRAClassifier(L.LightningModule):
         lrs = ", ".join(f"{g['lr']:.3g}" for g in optimizer.param_groups) if optimizer is not None else "?"
         step, last = getattr(self, "_last_finite_loss", (None, None))
         before = "no step had a finite loss" if last is None else f"the last finite loss was {last:.4g} at step {step}"
-        raise ValueError(
+        raise VisionLoRAError(
             f"Training diverged at step {int(self.global_step)} (epoch {self.current_epoch}): the loss is {value}; "
             f"learning rates {lrs}; {before}. The run stopped before this step changed the weights, and no "
             "checkpoint or adapter with non-finite values was written. Lower --model.lr / --model.head_lr."
@@ -336,7 +340,7 @@ class LoRAClassifier(L.LightningModule):
         self._checked_grads = True
         starved = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
         if starved:
-            raise ValueError(
+            raise VisionLoRAError(
                 f"{len(starved)} trainable parameters received no gradient in the first step, e.g. "
                 f"{', '.join(starved[:5])}. Something cuts them off from the loss (for example reentrant activation "
                 f"checkpointing over a frozen input); the run would train nothing there."
@@ -348,6 +352,7 @@ class LoRAClassifier(L.LightningModule):
         keep = self.checkpoint_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["vision_lora"] = {
+            "init_adapter": self._init_adapter,
             "backbone": self.hparams.backbone,
             "architecture": self.model.pretrained_cfg.get("architecture"),
             "num_classes": self.num_classes,
@@ -357,13 +362,13 @@ class LoRAClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("vision_lora")
         if info is None:
-            raise ValueError("This checkpoint was not written by vision_lora's LoRAClassifier.")
+            raise VisionLoRAError("This checkpoint was not written by vision_lora's LoRAClassifier.")
         arch = self.model.pretrained_cfg.get("architecture")
         if info["architecture"] != arch:
-            raise ValueError(f"The checkpoint was trained on {info['backbone']!r}; this model is {arch!r}.")
+            raise VisionLoRAError(f"The checkpoint was trained on {info['backbone']!r}; this model is {arch!r}.")
         if info["num_classes"] != self.num_classes:
             if self.hparams.num_classes is not None:
-                raise ValueError(
+                raise VisionLoRAError(
                     f"The checkpoint has {info['num_classes']} classes but the model was built with "
                     f"{self.num_classes} (from the data); point the data at the dataset the checkpoint was trained on."
                 )
@@ -385,21 +390,21 @@ class LoRAClassifier(L.LightningModule):
         """Load a (trainable-only) state dict: the frozen backbone keys may be missing, nothing else may be.
 
         Raises:
-            ValueError: a trained key is missing, a key is unknown, or a shape differs.
+            VisionLoRAError: a trained key is missing, a key is unknown, or a shape differs.
         """
         own = self.state_dict()
         missing = set(own) - set(state_dict)
         unexpected = set(state_dict) - set(own)
         lacking = missing & self.trainable_state_keys()
         if unexpected or (strict and lacking):
-            raise ValueError(
+            raise VisionLoRAError(
                 f"Checkpoint does not fit this model: missing trained keys {sorted(lacking)[:5]}, unexpected keys "
                 f"{sorted(unexpected)[:5]}. Was it written for another backbone or LoRA configuration?"
             )
         wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
             k = wrong[0]
-            raise ValueError(
+            raise VisionLoRAError(
                 f"Checkpoint tensor {k} has shape {tuple(state_dict[k].shape)}, the model {tuple(own[k].shape)}; "
                 f"check num_classes, rank and targets."
             )

@@ -38,6 +38,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .errors import VisionLoRAError
+
 __all__ = ["Preemption", "leave_sigterm_to_main"]
 
 
@@ -170,7 +172,7 @@ def requeue_slurm_job() -> int:
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
     if not re.fullmatch(r"[0-9_]+", job_id):
-        raise ValueError(f"Not a SLURM job id: {job_id!r}")
+        raise VisionLoRAError(f"Not a SLURM job id: {job_id!r}")
     status = subprocess.call(["scontrol", "requeue", job_id])
     print(
         f"vision-lora: requeued SLURM job {job_id}"

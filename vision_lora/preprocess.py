@@ -1,50 +1,117 @@
-"""Preprocessing in one place: timm's eval transform from a data config, and image bytes from a client to RGB.
+"""The one owner of the data config (input size, resize interpolation, crop, normalisation): resolved once from
+timm's config of a model plus the user's overrides, completed with the defaults in one place, written into checkpoints
+and ONNX metadata, and turned into the evaluation transform.
 
-Export verification, int8 calibration and evaluation, and `vision-lora serve` all call `eval_transform`, so a served
-model sees exactly the pixels its export was verified on.
+Training, export verification, int8 calibration and evaluation, and `vision-lora serve` all call `eval_transform`, so
+a served model sees exactly the pixels its export was verified on.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import resolve_data_config as timm_resolve_data_config
 from timm.data.transforms import MaybeToTensor
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision import transforms
 
-from .data.decode import load_rgb
+from .errors import VisionLoRAError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageTooLargeError", "decode_image", "eval_stages", "eval_transform"]
+__all__ = [
+    "DATA_CONFIG_DEFAULTS",
+    "DATA_CONFIG_KEYS",
+    "complete_data_config",
+    "data_config_record",
+    "eval_stages",
+    "eval_transform",
+    "resolve_data_config",
+]
 
-DEFAULT_MAX_PIXELS = 40_000_000
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# What a recorded config that lacks a key (an older checkpoint, another producer's ONNX file) means by it.
+DATA_CONFIG_DEFAULTS: dict[str, Any] = {
+    "interpolation": "bicubic",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
 
-class ImageTooLargeError(ValueError):
-    """The image header announces more pixels than allowed; nothing was decoded."""
+def resolve_data_config(source: nn.Module | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict:
+    """timm's data config of a model (or of its `pretrained_cfg` mapping) with `overrides` on top (input_size as a
+    side or (3, H, W), mean, std, interpolation, crop_pct, crop_mode); None values are ignored.
+
+    Returns:
+        A dict like timm's `resolve_data_config`: input_size (3, H, W), interpolation, mean, std, crop_pct, crop_mode.
+
+    Raises:
+        VisionLoRAError: mean or std without three values.
+    """
+    pretrained_cfg = (getattr(source, "pretrained_cfg", None) if isinstance(source, nn.Module) else source) or {}
+    args: dict[str, Any] = {"in_chans": 3}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in ("mean", "std") and len(value) != 3:
+            raise VisionLoRAError(f"{key} needs three values (R, G, B), got {tuple(value)}.")
+        if key == "input_size":
+            args["input_size" if isinstance(value, (list, tuple)) else "img_size"] = value
+        else:
+            args[key] = value
+    return timm_resolve_data_config(args=args, pretrained_cfg=dict(pretrained_cfg))
+
+
+def complete_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded data config (checkpoint, adapter, ONNX metadata) with `DATA_CONFIG_DEFAULTS` for what it lacks and
+    plain types: input_size a tuple of ints, mean and std tuples of floats, crop_pct a float. Other keys are kept.
+
+    Raises:
+        VisionLoRAError: no input_size, or one that is not (channels, height, width).
+    """
+    out = dict(config)
+    for key, default in DATA_CONFIG_DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = default
+    if len(tuple(out.get("input_size") or ())) != 3:
+        raise VisionLoRAError(
+            f"data_config['input_size'] must be (channels, height, width), got {out.get('input_size')}."
+        )
+    out["input_size"] = tuple(int(s) for s in out["input_size"])
+    out["mean"] = tuple(float(m) for m in out["mean"])
+    out["std"] = tuple(float(s) for s in out["std"])
+    out["crop_pct"] = float(out["crop_pct"])
+    return out
+
+
+def data_config_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config as JSON values (lists, floats), complete: what checkpoints, adapters and ONNX metadata store."""
+    full = complete_data_config(config)
+    return {key: list(full[key]) if isinstance(full[key], tuple) else full[key] for key in DATA_CONFIG_KEYS}
 
 
 def eval_transform(data_config: Mapping[str, Any]) -> Callable[[Image.Image], Tensor]:
-    """The evaluation transform of a timm data config: resize (shorter side to input_size / crop_pct), centre crop
-    to input_size, to tensor, normalise. Returns a (3, H, W) float32 tensor per RGB PIL image.
+    """The evaluation transform of a data config: resize (shorter side to input_size / crop_pct), centre crop to
+    input_size, to tensor, normalise. Returns a (3, H, W) float32 tensor per RGB PIL image.
 
     Args:
-        data_config: input_size (3, H, W), interpolation, mean, std, crop_pct and optionally crop_mode, as in
-            `timm.data.resolve_data_config` or the metadata `export_onnx` stores.
+        data_config: as `resolve_data_config` returns it, or as a checkpoint or ONNX file recorded it (missing keys
+            take `DATA_CONFIG_DEFAULTS`).
     """
+    cfg = complete_data_config(data_config)
     return create_transform(
-        input_size=tuple(data_config["input_size"]),
+        input_size=cfg["input_size"],
         is_training=False,
-        interpolation=data_config.get("interpolation", "bicubic"),
-        mean=tuple(data_config["mean"]),
-        std=tuple(data_config["std"]),
-        crop_pct=data_config.get("crop_pct", 1.0),
-        crop_mode=data_config.get("crop_mode") or "center",
+        interpolation=cfg["interpolation"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
     )
 
 
@@ -58,14 +125,15 @@ def eval_stages(
     as `eval_transform`, so the result is identical, bit for bit, and the per-pixel arithmetic runs once per batch.
 
     Raises:
-        ValueError: timm's eval transform does not end in to-tensor + normalise (a timm version this was not made for).
+        VisionLoRAError: timm's eval transform does not end in to-tensor + normalise (a timm version this was not
+            made for).
     """
     steps = eval_transform(data_config).transforms
     if len(steps) < 2 or not isinstance(steps[-2], (MaybeToTensor, transforms.ToTensor)):
-        raise ValueError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
+        raise VisionLoRAError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
     normalize = steps[-1]
     if not isinstance(normalize, transforms.Normalize):
-        raise ValueError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
+        raise VisionLoRAError(f"unexpected eval transform {steps}: it should end with ToTensor and Normalize.")
     geometry = transforms.Compose(steps[:-2])
     mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -78,35 +146,3 @@ def eval_stages(
         return x.sub_(mean).div_(std).contiguous().numpy()
 
     return pixels, batch
-
-
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, WebP, BMP, GIF's first frame, ...) to 8-bit RGB as `load_rgb` reads files:
-    upright by EXIF orientation, transparency on white.
-
-    The pixel count is read from the header and checked before anything is decoded, so a decompression bomb is
-    refused in about the time it takes to parse its header.
-
-    Raises:
-        ImageTooLargeError: more than `max_pixels` pixels.
-        ValueError: empty, not an image, or truncated / corrupt.
-    """
-    if not data:
-        raise ValueError("empty body: send the image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as header:  # parses the header only
-            width, height = header.size
-    except Image.DecompressionBombError as err:  # PIL's own limit, at twice its MAX_IMAGE_PIXELS
-        raise ImageTooLargeError(f"image too large: {err}") from None
-    except Image.UnidentifiedImageError:
-        raise ValueError("not an image, or in a format Pillow cannot read") from None
-    except Exception as err:  # PIL raises many types on malformed input
-        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from None
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image too large: {width}x{height} = {width * height:,} pixels, the limit is {max_pixels:,}"
-        )
-    try:
-        return load_rgb(io.BytesIO(data))
-    except Exception as err:
-        raise ValueError(f"cannot decode the image ({type(err).__name__}: {err})") from None

@@ -269,8 +269,8 @@ class EvalPredictions(L.Callback):
         whole = self._order is not None and len(images) == min(self._batch_size, len(self._order) - start)
         probs = logits.detach().float().softmax(-1)
         scores, preds = probs.max(-1)
-        config = getattr(pl_module, "data_config", None) or {}
-        mean, std = config.get("mean", (0.0, 0.0, 0.0)), config.get("std", (1.0, 1.0, 1.0))
+        config = getattr(pl_module, "data_config", None)  # without one, the images are shown as they come
+        mean, std = (config["mean"], config["std"]) if config else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         # vision_lora's DataModule names the samples of the batch (paths, or keys of an optimized dataset).
         named = getattr(getattr(pl_module.trainer, "datamodule", None), "batch_keys", None)
         named = named if named is not None and len(named) == len(images) else None

