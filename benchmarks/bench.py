@@ -498,7 +498,7 @@ def main() -> None:
     p.add_argument("--data-workers", type=int, default=2)
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="what to measure (default: everything)")
     p.add_argument("--layer-reps", type=int, default=40)
-    p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--out", default="benchmarks/results/results.json")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)

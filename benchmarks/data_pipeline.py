@@ -7,7 +7,7 @@ decode) against vision_lora's image folder (reduced-scale decode) and its optimi
 The photos are scikit-image's sample photos resized to 4000x3000 and saved as JPEG quality 90 in a temporary
 folder (nothing is committed). Each mode decodes + applies the timm train transform at 224 px (random-resized
 crop, flip, colour jitter), batch 32; modes alternate over rounds so machine drift cancels, images/s is the
-median over rounds, ratios are medians of per-round ratios. Writes benchmarks/data_pipeline.json.
+median over rounds, ratios are medians of per-round ratios. Writes benchmarks/results/data_pipeline.json.
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from timm.data import create_transform
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
 
-from vision_lora.data import FolderSource, ImageFolderDataModule, optimize_folder
+# torch, timm, torchvision and vision_lora.data are imported where they are used, so that `--help` (and
+# dora_quickstart.py, which imports _test_acc from here) do not wait for them.
 
 PHOTOS = (
     "astronaut",
@@ -81,6 +78,12 @@ def rate(make_loader, seconds: float = 8.0) -> float:
 
 
 def loaders(photos: Path, optimized: Path, workers: int, batch: int) -> dict:
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from vision_lora.data import ImageFolderDataModule
+
     transform = create_transform(input_size=(3, 224, 224), is_training=True, color_jitter=0.4)
     torchvision = ImageFolder(str(photos / "train"), transform=transform)
     common = dict(batch_size=batch, num_workers=workers, persistent_workers=False)
@@ -143,8 +146,12 @@ def main() -> None:
     p.add_argument("--accuracy", action="store_true", help="also train + test the quickstart on both sources")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the accuracy runs")
     p.add_argument("--skip-throughput", action="store_true", help="only the accuracy runs")
-    p.add_argument("--out", default=str(Path(__file__).with_name("data_pipeline.json")))
+    p.add_argument("--out", default=str(Path(__file__).with_name("results") / "data_pipeline.json"))
     args = p.parse_args()
+    import torch
+
+    from vision_lora.data import FolderSource, optimize_folder
+
     torch.set_num_threads(1)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,6 +194,8 @@ def main() -> None:
 
 
 def _optimize_digits(tmp: Path) -> Path:
+    from vision_lora.data import FolderSource, optimize_folder
+
     out = tmp / "digits_optimized"
     optimize_folder(FolderSource(REPO / "data" / "digits"), out)
     return out

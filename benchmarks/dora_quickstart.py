@@ -1,7 +1,7 @@
 """Quickstart test accuracy with DoRA against LoRA, per seed: `configs/quickstart.yaml` as is, and with
 `--model.use_dora true`, the two alternating. The JSON is rewritten after every run, so a partial sweep is kept.
 
-    python benchmarks/dora_quickstart.py --seeds 0 1 2 --out benchmarks/dora_quickstart.json
+    python benchmarks/dora_quickstart.py --seeds 0 1 2 --out benchmarks/results/dora_quickstart.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--out", default="benchmarks/dora_quickstart.json")
+    p.add_argument("--out", default="benchmarks/results/dora_quickstart.json")
     args = p.parse_args()
     start = time.time()
     results: dict = {"test_acc": {v: {} for v in args.variants}}

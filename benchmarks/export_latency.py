@@ -17,12 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnxruntime as ort
-import torch
-
-from vision_lora import merge_lora, read_adapter_config
-from vision_lora.export import build_from_adapter, export_onnx
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,8 +24,18 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="also write the figures as JSON here (the figures kept: benchmarks/results/export_latency.json)",
+    )
     args = p.parse_args()
+    import onnxruntime as ort  # after parsing: `--help` does not wait for torch
+    import torch
+
+    from vision_lora import merge_lora, read_adapter_config
+    from vision_lora.export import build_from_adapter, export_onnx
+
     torch.set_num_threads(args.threads)
     adapter = args.adapter or str(
         max(Path("runs/quickstart").glob("version_*/adapter"), key=lambda d: d.stat().st_mtime)

@@ -142,9 +142,9 @@ def run_peft(data: Path, seed: int, px: int, epochs: int, batch_size: int = 32) 
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from vision_lora.data import load_rgb, preprocessing_config
+    from vision_lora.data import load_rgb
     from vision_lora.inject import LoRAConfig, resolve_targets
-    from vision_lora.preprocess import eval_transform
+    from vision_lora.preprocess import eval_transform, resolve_data_config
     from vision_lora.weights import create_backbone
 
     start = time.perf_counter()
@@ -152,7 +152,7 @@ def run_peft(data: Path, seed: int, px: int, epochs: int, batch_size: int = 32) 
     classes = sorted(p.name for p in (data / "train").iterdir())
     model = create_backbone(BACKBONE, num_classes=len(classes), weights="offline")
     targets = resolve_targets(model, LoRAConfig())
-    evaluate = eval_transform(preprocessing_config(model.pretrained_cfg, {"input_size": px}))
+    evaluate = eval_transform(resolve_data_config(model, {"input_size": px}))
     steps = list(evaluate.transforms)
     train_tf = T.Compose([*steps[:2], T.RandomHorizontalFlip(), *steps[2:]])
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["classifier"])
@@ -334,7 +334,7 @@ def summary(state: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "recipes.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipes.json")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_data")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_runs")
     parser.add_argument("--stage", choices=("screen", "confirm", "all"), default="all")

@@ -368,7 +368,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=40, help="onnxruntime latency repetitions at batch 1")
     p.add_argument("--skip_vit", action="store_true")
     p.add_argument("--int8_only", action="store_true", help="only step 1's export and step 4, merged into --out")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/serve_load.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_load.json"))
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from vision_lora.cli import main as cli
