@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import VisionLoRAError
 from .config import LoRAConfig, LoRAReport, LoRAReportRow
 from .layers import LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear, dora_norm
-from .targets import _fused_note, _resolve, classifier_names, qkv_layout
+from .targets import classifier_names, fused_note, qkv_layout, resolve_with_skips
 
 __all__ = [
     "apply_lora",
@@ -123,7 +123,7 @@ def lora_report(model: nn.Module) -> LoRAReport:
                 out_features=w.shape[0],
                 rank=layer.r,
                 params=sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n),
-                note="" if isinstance(layer, LoRAQKVLinear) else _fused_note(name),
+                note="" if isinstance(layer, LoRAQKVLinear) else fused_note(name),
             )
         )
     return LoRAReport(
@@ -149,7 +149,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> LoRAReport
         raise VisionLoRAError(
             "LoRA is already applied to this model; merge_lora(model) first or start from the base model."
         )
-    targets, skipped, preset_only = _resolve(model, config)
+    targets, skipped, preset_only = resolve_with_skips(model, config)
     if config.use_dora:  # an overflowing norm is the user's to fix, not a target for the preset to skip
         for name in targets:
             try:

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..errors import VisionLoRAError
 from .config import LoRAConfig
-from .layers import LoRALayer, QKVLayout
+from .kernels import QKVLayout
+from .layers import LoRALayer
 
 __all__ = ["PRESETS", "classifier_names", "qkv_layout", "resolve_targets"]
 
@@ -295,7 +296,7 @@ def qkv_layout(model: nn.Module, name: str) -> QKVLayout | None:
     return None
 
 
-def _fused_note(name: str) -> str:
+def fused_note(name: str) -> str:
     """The report note for a projection named like a fused qkv / qk / kv (`qkv`, `qkv.linear`, `qkv_proj`, `qkvs.0`,
     `kv`) that is adapted as a whole, or ""."""
     parts = name.split(".")[-3:]
@@ -370,10 +371,10 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     Raises:
         VisionLoRAError: a pattern matches nothing, or explicitly matches a module LoRA cannot adapt.
     """
-    return _resolve(model, config)[0]
+    return resolve_with_skips(model, config)[0]
 
 
-def _resolve(model: nn.Module, config: LoRAConfig) -> tuple[list[str], list[tuple[str, str]], set[str]]:
+def resolve_with_skips(model: nn.Module, config: LoRAConfig) -> tuple[list[str], list[tuple[str, str]], set[str]]:
     """(targets in model order, (name, reason) of the modules presets skipped, targets only a preset selected)."""
     modules = dict(model.named_modules())
     heads = classifier_names(model)
