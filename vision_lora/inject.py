@@ -1,37 +1,12 @@
 """Old import path of the LoRA options, targets and injection (now `vision_lora.lora`); kept for saved scripts.
 `python -m vision_lora.inject MODEL` is `vision-lora targets MODEL`."""
 
-from .lora.config import LoRAConfig, LoRAReport, LoRAReportRow
-from .lora.inject import (
-    apply_lora,
-    describe_targets,
-    lora_layers,
-    lora_report,
-    mark_trainable,
-    merge_lora,
-    remove_lora,
-    trainable_names,
-)
-from .lora.targets import PRESETS, classifier_names, qkv_layout, resolve_targets
+from .lora import config, inject, targets
+from .lora.config import *  # noqa: F403
+from .lora.inject import *  # noqa: F403
+from .lora.targets import *  # noqa: F403
 
-__all__ = [
-    "LoRAConfig",
-    "LoRAReport",
-    "LoRAReportRow",
-    "PRESETS",
-    "apply_lora",
-    "classifier_names",
-    "describe_targets",
-    "lora_layers",
-    "lora_report",
-    "main",
-    "mark_trainable",
-    "merge_lora",
-    "remove_lora",
-    "qkv_layout",
-    "resolve_targets",
-    "trainable_names",
-]
+__all__ = [*config.__all__, *inject.__all__, *targets.__all__, "main"]
 
 
 def main(args: list[str] | None = None) -> None:
