@@ -6,6 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import FAST
 
@@ -33,11 +34,12 @@ def test_a_run_from_an_init_adapter_rebuilds_and_resumes_after_the_adapter_is_de
     main([*second, "--trainer.max_epochs=1", "--seed_everything=0"])
     run = tmp_path / "runs" / "b" / "version_0"
     best = next((run / "checkpoints").glob("best-*.ckpt"))
-    images = preprocess_files(
-        sorted(str(p) for p in (image_folder / "test").rglob("*.png")), load_model(best).data_config
-    )
+    original = load_model(best)
+    paths = sorted((image_folder / "test").rglob("*.png"))
+    images = preprocess_files([str(p) for p in paths], original.data_config)
+    labels = torch.tensor([original.class_names.index(p.parent.name) for p in paths])
     with torch.no_grad():
-        before = load_model(best).model(images)
+        before = original.model(images)
     shutil.rmtree(init_dir)
 
     trained = load_model(best)
@@ -46,8 +48,9 @@ def test_a_run_from_an_init_adapter_rebuilds_and_resumes_after_the_adapter_is_de
         torch.testing.assert_close(trained.model(images), before, rtol=0, atol=0)
     assert torch.load(best, weights_only=True)["vision_lora"]["init_adapter"] == str(init_dir)
 
-    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
-    assert float(_metrics(run / "test")[-1]["test_acc"]) >= 0.0
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])  # the accuracy of those logits
+    accuracy = (before.argmax(1) == labels).float().mean().item()
+    assert float(_metrics(run / "test")[-1]["test_acc"]) == pytest.approx(accuracy, abs=1e-6)
     main(["export", "--ckpt_path", str(best), "--output", "merged.safetensors", "--format", "timm"])
     assert (tmp_path / "merged.safetensors").stat().st_size > 10_000
 

@@ -78,8 +78,7 @@ def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.Pat
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     root = (checkpoint.get("datamodule_hyper_parameters") or {}).get("root")
-    data_config = complete_data_config(module.data_config)
-    return TrainedModel(module.model.eval(), hparams["backbone"], module.class_names, data_config, root)
+    return TrainedModel(module.model.eval(), hparams["backbone"], module.class_names, module.data_config, root)
 
 
 def build_from_adapter(directory: str | os.PathLike, info: dict | None = None) -> nn.Module:
