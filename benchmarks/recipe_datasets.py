@@ -1,11 +1,13 @@
 """Small real-image classification folders for the recipe study (`benchmarks/recipes.py`), built offline from the
-sample photos bundled with scikit-image and scikit-learn.
+sample photos bundled with scikit-image and scikit-learn, scikit-learn's handwritten digits and scikit-image's LFW
+subset.
 
 Each dataset is `root/<name>/{train,val,test}/<class>/<i>.jpg` and differs from the others in what its classes are
-(textures, scenes, tints, orientation, colour cast, few-shot). Every test split differs from its val split the way
-deployment data does: crops from other regions of the photos (textures, scenes, few-shot, orientation) or other photos
-entirely (tints, colour). Train and val come from the same region or photos. Everything is seeded: the same files on
-every machine with the same library versions.
+(textures, scenes, tints, orientation, colour cast, few-shot, shifted digits, faces). Most test splits differ from
+their val split the way deployment data does: crops from other regions of the photos (textures, scenes, few-shot,
+orientation), other photos entirely (tints, colour) or other scans rendered differently (shifted digits). Train and
+val come from the same region, photos or rendering. Everything is seeded: the same files on every machine with the
+same library versions.
 
     python benchmarks/recipe_datasets.py --out /tmp/recipe_data
 """
@@ -146,6 +148,50 @@ def labelled(
             _write(out / split / label, images)
 
 
+def digits_shift(out: Path, seed: int = 8) -> None:
+    """scikit-learn's handwritten digits (real, 8x8 scans of 43 writers) as 64 px images: train and val crisp white
+    on black; test from other scans, smoothed, rotated up to 15 degrees, on a noisy grey background."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))
+    counts = {"train": 30, "val": 15, "test": 30}
+    taken = {split: {c: 0 for c in range(10)} for split in counts}
+    for index in order:
+        label = int(digits.target[index])
+        split = next((s for s in counts if taken[s][label] < counts[s]), None)
+        if split is None:
+            continue
+        pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
+        if split == "test":
+            image = Image.fromarray(pixels).resize((64, 64), Image.BICUBIC).rotate(float(rng.uniform(-15, 15)))
+            shifted = 70 + 0.7 * np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (64, 64))
+            image = Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8))
+        else:
+            image = Image.fromarray(pixels).resize((64, 64), Image.NEAREST)
+        folder = out / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.convert("RGB").save(folder / f"{taken[split][label]}.jpg", quality=95)
+        taken[split][label] += 1
+
+
+def faces(out: Path, seed: int = 9) -> None:
+    """scikit-image's LFW subset (real 25x25 photos): 100 faces and 100 other image patches, as 64 px images."""
+    from skimage.data import lfw_subset
+
+    images = lfw_subset()
+    rng = np.random.default_rng(seed)
+    for label, block in (("face", images[:100]), ("other", images[100:])):
+        order = rng.permutation(len(block))
+        for split, (start, stop) in {"train": (0, 30), "val": (30, 50), "test": (50, 100)}.items():
+            folder = out / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, index in enumerate(order[start:stop]):
+                pixels = (np.clip(block[index], 0, 1) * 255).astype(np.uint8)
+                Image.fromarray(pixels).resize((64, 64), Image.BICUBIC).convert("RGB").save(folder / f"{i}.jpg")
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A study dataset: how to build it, and what it is."""
@@ -211,6 +257,13 @@ DATASETS: dict[str, Dataset] = {
             ),
             "colour cast (neutral, grey, warm, cool) of crops of 6 photos; test on 4 other photos",
         ),
+        Dataset(
+            "digits_shift",
+            digits_shift,
+            "scikit-learn's handwritten digits, 30 per class; test scans smoothed, rotated, on a noisy grey background",
+            ("--data.hflip=0",),  # a mirrored digit is another symbol
+        ),
+        Dataset("faces", faces, "scikit-image's LFW subset: faces vs other patches, 30 training images per class"),
         Dataset(
             "fewshot",
             lambda out: by_region(out, TEXTURES + SCENES[:4], {"train": 10, "val": 10, "test": 20}, (0.2, 0.5), seed=5),

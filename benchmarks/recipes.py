@@ -1,8 +1,15 @@
-"""Recipe study: which training recipe of `vision-lora fit` holds on small datasets nobody tuned it for (issue 16).
+"""Recipe study: does `vision-lora fit` with its defaults hold on small datasets nobody tuned it for?
 
-    python benchmarks/recipes.py                       # screen, then confirm; resumes where it stopped
-    python benchmarks/recipes.py --stage screen --budget-minutes 120
+    python benchmarks/recipes.py --stage study          # issue 23: defaults vs the plain loop, held-out sets, 3 seeds
+    python benchmarks/recipes.py --stage screen --budget-minutes 120   # the variant screen of issue 16
     python benchmarks/recipes.py --summary              # only print the tables of what finished
+
+The study stage (issue 23) compares the CLI's defaults (`--recipe auto`: the augmentation screened on the run's val
+split, the length from the val curve) with the plain loop (`PLAIN`: the eval transform plus a flip where flips are
+allowed, AdamW 1e-3, weight decay 0.01, constant rate, no label smoothing, batch 32, 10 epochs, frozen BatchNorm, the
+best val epoch) as a head-only probe (CLI) and as PEFT LoRA (a loop of its own, `run_peft`), and with last round's
+defaults (their rules, on today's fixed preprocessing), on the held-out datasets named in `HELD_OUT` before any
+result was read. Issue 16's results are in benchmarks/results/recipes_r2.json.
 
 Drives the CLI end to end, in this process (`vision_lora.cli.main`): `fit`, then `test` of the checkpoint that val
 selected, on the datasets of `recipe_datasets.py` (built offline from scikit-image / scikit-learn sample photos;
@@ -21,7 +28,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,19 +38,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _machine import machine_info  # noqa: E402
 from recipe_datasets import DATASETS, build  # noqa: E402
 
 # The defaults are chosen on these; the goals are checked on the others.
 TUNING = ("textures", "scenes", "tints", "fewshot_tune")
-HELD_OUT = ("orientation", "colour", "fewshot")
+# Named before the first result of the study was read; digits_shift and faces are real images new to this study.
+HELD_OUT = ("orientation", "colour", "fewshot", "digits_shift", "faces")
 BACKBONE = "tf_efficientnet_lite0"
 
 # Every variant names its augmentation and learning rates explicitly, so results do not move with the CLI defaults.
 LIGHT = ["--data.augment=light"]
 STANDARD = ["--data.augment=standard"]  # timm's: random-resized crop 0.08-1, flip, colour jitter 0.4
+# The plain loop's options (the reference of issue 23); its length is PLAIN_EPOCHS.
+PLAIN = [*LIGHT, "--recipe=off", "--model.lr=1e-3", "--model.label_smoothing=0", "--model.schedule=constant"]
+PLAIN_EPOCHS = 10
 VARIANTS: dict[str, list[str]] = {
     # In the order they run: the comparisons that decide the most first (a partial screen still answers them).
-    "probe": [*LIGHT, "--model.head_warmup=1.0", "--model.lr=1e-3", "--model.label_smoothing=0"],
+    "probe": [*PLAIN, "--model.head_warmup=1.0"],
     "light": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
     "old_defaults": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
     "peft": [],  # the plain PEFT loop, see run_peft
@@ -90,6 +101,28 @@ NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
 CONFIRM_REFERENCES = ("probe", "peft")  # the goals compare the defaults with these
 # The CLI with nothing but backbone, data and resolution: whatever `vision-lora fit` does by default now.
 NEW_DEFAULTS = "new_defaults"
+# Last round's defaults, by their rules (`last_round_defaults`).
+LAST_DEFAULTS = "last_defaults"
+STUDY = (NEW_DEFAULTS, "probe", "peft", LAST_DEFAULTS)
+STUDY_PX = 96
+
+
+def last_round_epochs(folder: Path, batch_size: int = 32) -> int:
+    """Issue 16's epoch rule: about 150 optimizer steps, 5 to 30 epochs."""
+    import math
+
+    return max(5, min(30, math.ceil(150 / max(math.ceil(train_count(folder) / batch_size), 1))))
+
+
+def last_round_defaults(folder: Path, batch_size: int = 32) -> list[str]:
+    """The options issue 16's rules chose for `folder`: standard augmentation from 10 training images per class (else
+    light), about 150 optimizer steps (5 to 30 epochs), label smoothing 0.1, warmup + cosine decay."""
+    images = train_count(folder)
+    classes = sum(1 for p in (folder / "train").iterdir() if p.is_dir())
+    augment = "standard" if images / classes >= 10 else "light"
+    epochs = last_round_epochs(folder, batch_size)
+    return [f"--data.augment={augment}", f"--trainer.max_epochs={epochs}", "--recipe=off", "--model.lr=1e-3",
+            "--model.label_smoothing=0.1", "--model.schedule=cosine"]  # fmt: skip
 
 
 def train_count(folder: Path) -> int:
@@ -111,7 +144,9 @@ def run_cli(data: Path, variant: str, seed: int, px: int, epochs: int | None, wo
     logging = [f"--trainer.logger.init_args.save_dir={work}", f"--trainer.logger.init_args.name={name}"]
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.num_workers=1"]
     args = [*common, *logging, *quiet, f"--model.backbone={BACKBONE}"]
-    if variant != NEW_DEFAULTS:
+    if variant == LAST_DEFAULTS:
+        args += ["--model.weights=offline", "--trainer.accelerator=cpu", *last_round_defaults(data)]
+    elif variant != NEW_DEFAULTS:
         args += ["--model.weights=offline", "--trainer.accelerator=cpu", f"--trainer.max_epochs={epochs}"]
         args += VARIANTS[variant]
     args += list(DATASETS[data.name].extra_args)
@@ -121,21 +156,27 @@ def run_cli(data: Path, variant: str, seed: int, px: int, epochs: int | None, wo
     run = work / name / "version_0"
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={best}", *quiet])
+    import torch
+
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     with open(run / "config.yaml", encoding="utf-8") as f:
-        ran_epochs = next((int(line.split(":")[1]) for line in f if line.strip().startswith("max_epochs:")), None)
+        augment = next((line.split(":")[1].strip() for line in f if line.strip().startswith("augment:")), None)
     return {
+        "steps": int(last["global_step"]),
+        "augment": augment,
         "test_acc": _metric(run / "test", "test_acc"),
         "val_acc": float(best.stem.rsplit("val_acc=", 1)[1]) if "val_acc=" in best.stem else None,
         "best_epoch": int(best.stem.split("epoch=")[1].split("-")[0]),
-        "epochs": ran_epochs,
+        "epochs": int(last["epoch"]) + 1,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def run_peft(data: Path, seed: int, px: int, epochs: int, batch_size: int = 32) -> dict:
-    """The issue's reference: a plain PEFT LoRA loop. r=8, alpha 16 on the targets vision-lora adapts by default,
-    head trained in full; resize + flip; AdamW lr 1e-3 constant, weight decay 0.01; BatchNorm frozen in eval mode.
-    Test accuracy of the epoch with the best val accuracy."""
+    """The plain loop with PEFT LoRA: r=8, alpha 16 on the targets vision-lora adapts by default, head trained in
+    full; the eval transform plus a flip where the dataset allows flips; AdamW lr 1e-3 constant, weight decay 0.01,
+    cross-entropy without smoothing; BatchNorm frozen in eval mode. Test accuracy of the epoch with the best val
+    accuracy."""
     import peft
     import torch
     from torch.utils.data import DataLoader
@@ -154,7 +195,8 @@ def run_peft(data: Path, seed: int, px: int, epochs: int, batch_size: int = 32) 
     targets = resolve_targets(model, LoRAConfig())
     evaluate = eval_transform(resolve_data_config(model, {"input_size": px}))
     steps = list(evaluate.transforms)
-    train_tf = T.Compose([*steps[:2], T.RandomHorizontalFlip(), *steps[2:]])
+    flips = "--data.hflip=0" not in DATASETS[data.name].extra_args
+    train_tf = T.Compose([*steps[:2], *([T.RandomHorizontalFlip()] if flips else []), *steps[2:]])
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["classifier"])
     model = peft.get_peft_model(model, config)
 
@@ -206,10 +248,47 @@ def key(stage: str, dataset: str, variant: str, seed: int, px: int) -> str:
 
 
 def run_epochs(folder: Path, variant: str, batch_size: int = 32) -> int:
-    """The epochs `vision-lora fit` chooses for this folder (`recipe.epochs_for`), twice that for the LONG variants."""
-    from vision_lora.recipe import epochs_for
+    """The plain loop's epochs for its variants; else issue 16's rule (twice it for the LONG variants)."""
+    if variant in ("probe", "peft"):
+        return PLAIN_EPOCHS
+    return last_round_epochs(folder, batch_size) * (2 if variant in LONG else 1)
 
-    return epochs_for(train_count(folder), batch_size) * (2 if variant in LONG else 1)
+
+def study_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
+    """Issue 23's study: the defaults, the plain-loop probe and PEFT LoRA and last round's defaults, seeds 0, 1, 2, on
+    the held-out datasets (then the tuning ones), seed by seed so that a partial run is balanced."""
+    order = [d for d in (*HELD_OUT, *TUNING) if d in datasets]
+    return [
+        ("study", dataset, variant, seed, STUDY_PX, run_epochs(folders[dataset], variant))
+        for seed in (0, 1, 2)
+        for dataset in order
+        for variant in STUDY
+    ]
+
+
+def study_summary(runs: dict) -> list[str]:
+    """The goals of issue 23 per held-out dataset: defaults − max(probe, PEFT) and defaults − last round's defaults
+    (paired by seed), and the optimizer steps of the defaults against the plain loop's."""
+    out = []
+    for d in HELD_OUT:
+        vs_best, vs_last, steps = [], [], []
+        for seed in (0, 1, 2):
+            got = {v: runs.get(key("study", d, v, seed, STUDY_PX)) for v in STUDY}
+            if not got[NEW_DEFAULTS]:
+                continue
+            ours = got[NEW_DEFAULTS]["test_acc"]
+            if got["probe"] and got["peft"]:
+                vs_best.append(100 * (ours - max(got["probe"]["test_acc"], got["peft"]["test_acc"])))
+            if got[LAST_DEFAULTS]:
+                vs_last.append(100 * (ours - got[LAST_DEFAULTS]["test_acc"]))
+            steps.append(got[NEW_DEFAULTS].get("steps"))
+
+        def fmt(diffs: list[float]) -> str:
+            return f"{statistics.mean(diffs):+.1f} pt (n={len(diffs)})" if diffs else "—"
+
+        out.append(f"{d}: defaults − max(probe, peft) {fmt(vs_best)}; defaults − last round's {fmt(vs_last)}; "
+                   f"steps of the defaults {steps}")  # fmt: skip
+    return out
 
 
 def screen_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
@@ -283,7 +362,7 @@ def table(runs: dict, stage: str, px: int) -> tuple[str, dict]:
             cell.setdefault((variant, dataset), []).append(r["test_acc"])
             val.setdefault((variant, dataset), []).append(r.get("val_acc") or float("nan"))
     datasets = [d for d in DATASETS if any(d == ds for _, ds in cell)]
-    variants = [v for v in [*VARIANTS, NEW_DEFAULTS] if any(v == var for var, _ in cell)]
+    variants = [v for v in [*VARIANTS, NEW_DEFAULTS, LAST_DEFAULTS] if any(v == var for var, _ in cell)]
     head = "| variant | " + " | ".join(f"{d}{'*' if d in HELD_OUT else ''}" for d in datasets) + " | held-out mean |"
     lines = [head, "|" + "---|" * (len(datasets) + 2)]
     means = {}
@@ -319,11 +398,14 @@ def paired(runs: dict, stage: str, px: int, a: str, b: str) -> list[str]:
 def summary(state: dict) -> str:
     runs = state["runs"]
     parts = []
-    for stage, px in (("screen", 96), ("confirm", 128)):
+    for stage, px in (("study", STUDY_PX), ("screen", 96), ("confirm", 128)):
         text, _ = table(runs, stage, px)
         if text.count("\n") > 1:
             seconds = sum(r.get("seconds", 0) for k, r in runs.items() if k.startswith(stage + "/"))
             parts.append(f"### {stage} ({px} px; * held out; {seconds / 3600:.1f} h of runs)\n\n{text}")
+            if stage == "study":
+                parts.extend(study_summary(runs))
+                continue
             for ref in ("probe", "peft", "old_defaults"):
                 cmp_with = NEW_DEFAULTS if stage == "confirm" else "light"
                 lines = paired(runs, stage, px, cmp_with, ref)
@@ -337,7 +419,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipes.json")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_data")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vision_lora_recipe_runs")
-    parser.add_argument("--stage", choices=("screen", "confirm", "all"), default="all")
+    parser.add_argument("--stage", choices=("study", "screen", "confirm", "all"), default="study")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument(
         "--variants",
@@ -362,7 +444,7 @@ def main() -> None:
     meta = state["meta"]
     meta.setdefault("started", date.today().isoformat())
     meta.update(
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        machine=machine_info(),
         backbone=f"{BACKBONE} (offline ImageNet)",
         tuning=TUNING,
         held_out=HELD_OUT,
@@ -374,7 +456,7 @@ def main() -> None:
     began = time.perf_counter()
     stages = ["screen", "confirm"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        plan = screen_plan(args.datasets, folders) if stage == "screen" else None
+        plan = screen_plan(args.datasets, folders) if stage == "screen" else study_plan(args.datasets, folders)
         if stage == "confirm":
             plan = confirm_plan(args.datasets, folders, state["runs"], args.top, args.variants)
         for st, dataset, variant, seed, px, epochs in plan:
@@ -389,7 +471,7 @@ def main() -> None:
                 return
             print(f"== {k} ({epochs} epochs)", flush=True)
             if variant == "peft":
-                result = run_peft(folders[dataset], seed, px, epochs)
+                result = run_peft(folders[dataset], seed, px, PLAIN_EPOCHS)
             else:
                 result = run_cli(folders[dataset], variant, seed, px, epochs, args.work)
             state["runs"][k] = result

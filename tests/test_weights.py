@@ -5,18 +5,9 @@ import timm
 import torch
 from PIL import Image
 from skimage import data
-from timm.data import create_transform, resolve_model_data_config
 
 from vision_lora import create_backbone
-
-
-def test_offline_efficientnet_lite0_recognises_cat_and_espresso():
-    model = create_backbone("tf_efficientnet_lite0", weights="offline").eval()
-    transform = create_transform(**resolve_model_data_config(model))
-    batch = torch.stack([transform(Image.fromarray(img)) for img in (data.chelsea(), data.coffee())])
-    with torch.no_grad():
-        top1 = model(batch).argmax(-1).tolist()
-    assert top1 == [285, 967]  # Egyptian cat, espresso
+from vision_lora.preprocess import eval_transform, resolve_data_config
 
 
 def test_offline_weights_with_a_new_head_keep_the_backbone():
@@ -57,7 +48,27 @@ def test_pretrained_uses_the_offline_source_where_there_is_one():
     for key, value in offline.state_dict().items():
         if not key.startswith("classifier."):
             torch.testing.assert_close(pretrained.state_dict()[key], value, rtol=0, atol=0)
-    assert pretrained.pretrained_cfg["interpolation"] == "bilinear"  # the offline weights' preprocessing
+    # The TensorFlow originals' preprocessing (inputs in [-1, 1], bicubic), as timm's own config says.
+    assert pretrained.pretrained_cfg["interpolation"] == "bicubic"
+    assert tuple(pretrained.pretrained_cfg["mean"]) == tuple(pretrained.pretrained_cfg["std"]) == (0.5, 0.5, 0.5)
+
+
+def test_offline_lite0_declared_preprocessing_beats_imagenet_statistics_on_real_photos():
+    model = create_backbone("tf_efficientnet_lite0", weights="offline").eval()
+    photos = {"chelsea": range(281, 286), "coffee": range(967, 968)}  # ImageNet's cats; espresso
+    old = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
+
+    def confidence(overrides: dict) -> list[float]:
+        transform = eval_transform(resolve_data_config(model, overrides))
+        with torch.inference_mode():
+            return [
+                float(model(transform(Image.fromarray(getattr(data, name)()))[None]).softmax(-1)[0, list(ids)].sum())
+                for name, ids in photos.items()
+            ]
+
+    declared, imagenet = confidence({}), confidence(old)
+    assert min(declared) > 0.9, declared  # the right ImageNet class, confidently
+    assert all(d > i for d, i in zip(declared, imagenet, strict=True)), (declared, imagenet)
 
 
 def test_hub_refuses_a_model_timm_has_no_weights_for():

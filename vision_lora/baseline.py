@@ -1,5 +1,5 @@
-"""`vision-lora fit --baseline head`: the head-only probe, trained with the run's own recipe before the LoRA run, so
-that the end of the run says whether LoRA earned its cost on this data."""
+"""`vision-lora fit --baseline head`: the head-only probe, trained with the plain loop's recipe before the LoRA run, so
+that the end of the run says whether LoRA earned its cost on this data against a strong probe."""
 
 from __future__ import annotations
 
@@ -18,14 +18,26 @@ from .data import ImageFolderDataModule
 from .errors import VisionLoRAError
 from .module import LoRAClassifier
 
-__all__ = ["BaselineResult", "evaluate_best", "fit_head_probe", "write_comparison"]
+__all__ = ["PLAIN_LOOP", "PLAIN_LOOP_EPOCHS", "BaselineResult", "evaluate_best", "fit_head_probe", "write_comparison"]
+
+# The plain loop, the reference of the recipe study: the eval transform plus a flip where flips are allowed ("light"),
+# AdamW at 1e-3 with weight decay 0.01 at a constant rate, cross-entropy without smoothing, 10 epochs, the best val
+# epoch's checkpoint. The probe trains the head alone this way.
+PLAIN_LOOP = {
+    "lr": 1e-3,
+    "head_lr": None,
+    "weight_decay": 0.01,
+    "schedule": "constant",
+    "label_smoothing": 0.0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
+PLAIN_LOOP_EPOCHS = 10
 
 # Trainer options of the run that the probe shares (it always runs on one device).
 SHARED_TRAINER_OPTIONS = (
     "accelerator",
     "precision",
-    "max_epochs",
-    "max_steps",
     "limit_train_batches",
     "limit_val_batches",
     "accumulate_grad_batches",
@@ -68,8 +80,9 @@ def evaluate_best(
 def fit_head_probe(
     model: LoRAClassifier, data: ImageFolderDataModule, trainer_options: dict[str, Any], out_dir: Path
 ) -> BaselineResult:
-    """Train the head alone (`head_warmup=1`), with every other option of `model` and the run's data and trainer
-    options, into `out_dir`; return the accuracy of its best checkpoint.
+    """Train the head alone (`head_warmup=1`) with the plain loop's recipe (`PLAIN_LOOP`, "light" augmentation,
+    `PLAIN_LOOP_EPOCHS` epochs), the other options of `model` (backbone, preprocessing) and the run's data, into
+    `out_dir`; return the accuracy of its best checkpoint.
 
     Raises:
         VisionLoRAError: `model` already trains the head alone.
@@ -80,7 +93,7 @@ def fit_head_probe(
             "the head alone; lower model.head_warmup or drop --baseline."
         )
     options = {k: v for k, v in model.hparams.items() if k in inspect.signature(LoRAClassifier).parameters}
-    probe = LoRAClassifier(**{**options, "head_warmup": 1.0})
+    probe = LoRAClassifier(**{**options, **PLAIN_LOOP, "head_warmup": 1.0})
     probe.load_state_dict(model.state_dict())  # the same backbone and starting head as the LoRA run
     options = {k: v for k, v in trainer_options.items() if k in SHARED_TRAINER_OPTIONS and v is not None}
     checkpoint = ModelCheckpoint(
@@ -88,14 +101,20 @@ def fit_head_probe(
     )
     trainer = L.Trainer(
         **options,
+        max_epochs=PLAIN_LOOP_EPOCHS,
         devices=1,
         logger=CSVLogger(save_dir=str(out_dir.parent), name="", version=out_dir.name),
         callbacks=[checkpoint, BadFileReport()],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(probe, datamodule=data)
-    return evaluate_best(trainer, probe, data, "head-only")
+    augment = data.hparams.augment
+    data.use_augment("light")
+    try:
+        trainer.fit(probe, datamodule=data)
+        return evaluate_best(trainer, probe, data, "head-only")
+    finally:
+        data.use_augment(augment)
 
 
 def write_comparison(path: Path, probe: BaselineResult, lora: BaselineResult) -> list[str]:

@@ -7,7 +7,7 @@ import inspect
 import math
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -78,6 +78,11 @@ def lr_factor(step: int, start: int, total: int, warmup_fraction: float) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(t - warmup, span - warmup) / max(span - warmup, 1)))
 
 
+def _constant_factor(step: int, start: int) -> float:
+    """The constant schedule's multiplier: zero before `start` (the head-only steps, for LoRA groups), then one."""
+    return 0.0 if step < start else 1.0
+
+
 class LoRAClassifier(L.LightningModule):
     """A timm classifier fine-tuned with LoRA: adapters and the classifier head train, the backbone stays frozen.
 
@@ -101,11 +106,16 @@ class LoRAClassifier(L.LightningModule):
         lr: learning rate of the LoRA parameters.
         head_lr: learning rate of the classifier head (and other trained non-LoRA parameters); None: `lr`.
         weight_decay: AdamW weight decay (not applied to biases and norms).
-        warmup_fraction: fraction of all training steps spent in linear warmup before the cosine decay.
+        warmup_fraction: fraction of all training steps spent in linear warmup before the cosine decay (cosine
+            schedule only).
         head_warmup: fraction of the training steps in which only the head trains (a linear probe), before LoRA
             joins with a warmup and cosine decay of its own over the remaining steps (linear-probe-then-fine-tune:
             a trained head keeps the pretrained features from being distorted by a random one). 1.0 trains the head
             alone: LoRA stays at zero, the head-only baseline.
+        schedule: the learning-rate schedule: "cosine" (a warmup over `warmup_fraction` of the steps, then a cosine
+            decay to zero: for a length known in advance), "constant" (the rate throughout, after `head_warmup`: for a
+            length the val curve decides), or "auto": `vision-lora fit` picks constant when it decides the length or
+            screens recipes during the run, else cosine.
         label_smoothing: label smoothing of the cross-entropy loss.
         mixup_alpha: timm mixup alpha; 0 disables mixup.
         cutmix_alpha: timm cutmix alpha; 0 disables cutmix.
@@ -137,7 +147,8 @@ class LoRAClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.05,
         head_warmup: float = 0.0,
-        label_smoothing: float = 0.1,
+        schedule: Literal["auto", "cosine", "constant"] = "auto",
+        label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         drop_path_rate: float | None = None,
@@ -321,16 +332,18 @@ class LoRAClassifier(L.LightningModule):
         return [{"params": ps, "lr": lr, "weight_decay": wd, "lora": lora} for (lora, lr, wd), ps in groups.items()]
 
     def configure_optimizers(self):
-        """AdamW; per step, a linear warmup from 1% over `warmup_fraction` of the steps, then a cosine decay to zero.
-        LoRA groups start after the `head_warmup` share of the steps, with a warmup and decay of their own."""
+        """AdamW with the `schedule`, per step. Cosine: a linear warmup from 1% over `warmup_fraction` of the steps,
+        then a cosine decay to zero. Constant: the set rates. LoRA groups start after the `head_warmup` share of the
+        steps (of the cap, for a constant schedule), with a cosine warmup and decay of their own."""
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.param_groups())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         head_steps = min(int(hp.head_warmup * total), total - 1)
-        factors = [
-            partial(lr_factor, start=head_steps if g["lora"] else 0, total=total, warmup_fraction=hp.warmup_fraction)
-            for g in optimizer.param_groups
-        ]
+        if hp.get("schedule", "auto") == "constant":
+            factors = [partial(_constant_factor, start=head_steps if g["lora"] else 0) for g in optimizer.param_groups]
+        else:
+            cosine = partial(lr_factor, total=total, warmup_fraction=hp.warmup_fraction)
+            factors = [partial(cosine, start=head_steps if g["lora"] else 0) for g in optimizer.param_groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

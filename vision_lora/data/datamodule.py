@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from .. import preprocess as preprocessing
 from ..errors import VisionLoRAError
 from ..preemption import leave_sigterm_to_main
-from ..recipe import AUGMENTS, augment_for
+from ..recipe import AUGMENTS
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -59,8 +59,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         predict_dir: folder of images (searched recursively) or a single image for `predict`.
         augment: training augmentation: "none" (the evaluation resize and centre crop), "light" (that plus the
             horizontal flip `hflip`), "standard" (timm's random-resized crop by `scale` and `ratio`, `hflip`,
-            `color_jitter`, `auto_augment`, `re_prob`), or "auto": light below `AUGMENT_STANDARD_FROM` training
-            images per class, else standard (`vision-lora fit` decides it before the run and records it).
+            `color_jitter`, `auto_augment`, `re_prob`), or "auto": `vision-lora fit --recipe auto` screens them on
+            the run's val split and records the winner; elsewhere "auto" is "light".
         hflip: probability of a horizontal flip in training ("light" and "standard").
         scale: area range of the training random-resized crop, as fractions of the image.
         ratio: aspect-ratio range of the training random-resized crop.
@@ -207,16 +207,17 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def augment(self) -> str:
-        """The augmentation that runs: `augment`, with "auto" resolved from the training images per class."""
-        if self.hparams.augment != "auto":
-            return self.hparams.augment
-        if self.folder is not None:
-            count = len(self.folder.samples("train")[0])
-        elif self.info is not None:
-            count = int(self.info["counts"].get("train", 0))
-        else:
-            return "standard"
-        return augment_for(count, self.num_classes or 1)
+        """The augmentation that runs: `augment`, with "auto" (left to `vision-lora fit`'s recipe screen) as the
+        plain loop's "light"."""
+        return "light" if self.hparams.augment == "auto" else self.hparams.augment
+
+    def use_augment(self, augment: str) -> None:
+        """Train with `augment` from the next training dataloader on (the recipe screen's candidates)."""
+        if augment not in AUGMENTS:
+            raise VisionLoRAError(f"augment must be one of {', '.join(AUGMENTS)}, not {augment!r}.")
+        self.hparams.augment = augment
+        if "train" in self.datasets:
+            self.datasets["train"] = self._dataset("train")
 
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
         """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
