@@ -56,6 +56,9 @@ PLAIN_EPOCHS = 10
 VARIANTS: dict[str, list[str]] = {
     # In the order they run: the comparisons that decide the most first (a partial screen still answers them).
     "probe": [*PLAIN, "--model.head_warmup=1.0"],
+    # Issue 23: the plain loop with vision_lora's LoRA, and with weight averaging of what trains.
+    "plain_lora": PLAIN,
+    "plain_lora_ema": [*PLAIN, "--trainer.callbacks+=vision_lora.averaging.TrainableEMA"],
     "light": [*LIGHT, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
     "old_defaults": [*STANDARD, "--model.lr=1e-3", "--model.label_smoothing=0.1"],
     "peft": [],  # the plain PEFT loop, see run_peft
@@ -97,7 +100,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 LONG = ("light_long", "standard_long")
 BASELINES = ("probe", "old_defaults", "old_quickstart", "peft")
-NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2")
+NOT_CANDIDATES = (*BASELINES, "probe_hlr1e-2", "plain_lora", "plain_lora_ema")
 CONFIRM_REFERENCES = ("probe", "peft")  # the goals compare the defaults with these
 # The CLI with nothing but backbone, data and resolution: whatever `vision-lora fit` does by default now.
 NEW_DEFAULTS = "new_defaults"
@@ -249,12 +252,12 @@ def key(stage: str, dataset: str, variant: str, seed: int, px: int) -> str:
 
 def run_epochs(folder: Path, variant: str, batch_size: int = 32) -> int:
     """The plain loop's epochs for its variants; else issue 16's rule (twice it for the LONG variants)."""
-    if variant in ("probe", "peft"):
+    if variant in ("probe", "peft", "plain_lora", "plain_lora_ema"):
         return PLAIN_EPOCHS
     return last_round_epochs(folder, batch_size) * (2 if variant in LONG else 1)
 
 
-def study_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
+def study_plan(datasets: list[str], folders: dict[str, Path], variants: list[str] | None = None) -> list[tuple]:
     """Issue 23's study: the defaults, the plain-loop probe and PEFT LoRA and last round's defaults, seeds 0, 1, 2, on
     the held-out datasets (then the tuning ones), seed by seed so that a partial run is balanced."""
     order = [d for d in (*HELD_OUT, *TUNING) if d in datasets]
@@ -262,7 +265,7 @@ def study_plan(datasets: list[str], folders: dict[str, Path]) -> list[tuple]:
         ("study", dataset, variant, seed, STUDY_PX, run_epochs(folders[dataset], variant))
         for seed in (0, 1, 2)
         for dataset in order
-        for variant in STUDY
+        for variant in variants or STUDY
     ]
 
 
@@ -456,7 +459,11 @@ def main() -> None:
     began = time.perf_counter()
     stages = ["screen", "confirm"] if args.stage == "all" else [args.stage]
     for stage in stages:
-        plan = screen_plan(args.datasets, folders) if stage == "screen" else study_plan(args.datasets, folders)
+        plan = (
+            screen_plan(args.datasets, folders)
+            if stage == "screen"
+            else study_plan(args.datasets, folders, args.variants)
+        )
         if stage == "confirm":
             plan = confirm_plan(args.datasets, folders, state["runs"], args.top, args.variants)
         for st, dataset, variant, seed, px, epochs in plan:

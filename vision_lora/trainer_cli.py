@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from .averaging import TrainableEMA
 from .baseline import evaluate_best, fit_head_probe, write_comparison
 from .callbacks import (
     AtomicCheckpointIO,
@@ -191,6 +192,14 @@ class VisionLoRACLI(LightningCLI):
         if screen is not None:
             callbacks.append(screen)
         trainer = super().instantiate_trainer(**kwargs)
+        if (
+            screen is not None
+            and len(screen.candidates) > 1
+            and any(isinstance(c, TrainableEMA) for c in trainer.callbacks)
+        ):
+            raise VisionLoRAError(
+                "Weight averaging (TrainableEMA) cannot run in the recipe screen: give --data.augment or --recipe off."
+            )
         trainer.callbacks[:0] = callbacks
         # Lightning's live bar writes nothing useful into a log file (nohup, SLURM, CI): plain lines there instead.
         bar = trainer.progress_bar_callback
