@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import math
 from dataclasses import asdict, dataclass
@@ -210,6 +211,13 @@ def fit_options(config: str | Path) -> set[str]:
     Raises:
         VisionLoRAError: `config` is not a config that fit accepts.
     """
+    path = Path(config)
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    return set(_fit_options(str(path.absolute()), stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _fit_options(config: str, stamp: int | None) -> frozenset[str]:
     from ..trainer_cli import run_trainer_command
 
     out, err = io.StringIO(), io.StringIO()
@@ -224,4 +232,4 @@ def fit_options(config: str | Path) -> set[str]:
     if code not in (0, None):
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         raise VisionLoRAError(f"{config} is not a config vision-lora fit accepts: {lines[-1] if lines else code}")
-    return _dotted(yaml.safe_load(out.getvalue()) or {})
+    return frozenset(_dotted(yaml.safe_load(out.getvalue()) or {}))

@@ -23,6 +23,8 @@ _TRIES = 8  # lock contention on SQLite and table-creation races between process
 def _transient(err: BaseException) -> bool:
     if isinstance(err, StorageInternalError):
         return True
+    if isinstance(err, optuna.exceptions.OptunaError):  # DuplicatedStudyError also says "already exists"
+        return False
     text = str(err).lower()
     return any(s in text for s in ("database is locked", "already exists", "unique constraint", "duplicate"))
 
