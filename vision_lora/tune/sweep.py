@@ -310,7 +310,10 @@ def run_tune_command(args: list[str] | None) -> None:
     """
     from jsonargparse import ArgumentParser
 
-    argv = sys.argv[1:] if args is None else args
+    argv = list(sys.argv[1:] if args is None else args)
+    for i, arg in enumerate(argv):  # `--resume` alone is a flag; `--resume true|false` works too
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv[i] = "--resume=true"
     parser = ArgumentParser(prog="vision-lora tune", description=(tune.__doc__ or "").split("\n\n")[0])
     parser.add_function_arguments(tune, as_group=False)
     tune(**parser.parse_args(argv[1:]).as_dict())
