@@ -140,6 +140,7 @@ def test_unknown_command_says_so(capsys):
     [
         (["serve", "--model", "model.onnx"], "litserve", "serve"),
         (["optimize", "--data.root", "x", "--output", "y"], "litdata", "stream"),
+        (["tune", "--config", "x.yaml", "--n_trials", "2"], "optuna", "tune"),
     ],
 )
 def test_a_command_without_its_extra_fails_in_one_line(command, module, extra):

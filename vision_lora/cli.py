@@ -16,7 +16,9 @@ __all__ = ["COMMANDS", "main"]
 
 
 class Command(NamedTuple):
-    """A command of `vision-lora`: where its function lives, the extra it needs, and its one-line description."""
+    """A command of `vision-lora`: where its function lives, the extra it needs, and its one-line description.
+
+    A typed function is handed to jsonargparse's CLI; a `run_*` function parses its command line itself."""
 
     module: str
     function: str
@@ -36,8 +38,11 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("vision_lora.deploy.serve", "serve", "serve", "serve a model over HTTP with dynamic batching"),
     "optimize": Command("vision_lora.commands", "optimize", "stream", "write an image folder as LitData shards"),
     "targets": Command("vision_lora.commands", "targets", None, "print what LoRA would adapt in a timm model"),
+    "tune": Command(
+        "vision_lora.tune", "run_tune_command", "tune", "search fit's options with Optuna (pruning, several processes)"
+    ),
 }
-_NEEDS = {"serve": "litserve", "stream": "litdata"}  # the module each extra brings
+_NEEDS = {"serve": "litserve", "stream": "litdata", "tune": "optuna"}  # the module each extra brings
 
 
 def usage() -> str:
@@ -59,7 +64,7 @@ def _run(name: str, args: list[str], from_argv: bool) -> None:
     if command.extra is not None:
         require(_NEEDS[command.extra], command.extra, f"vision-lora {name}")
     function = getattr(importlib.import_module(command.module), command.function)
-    if command.module == _TRAINER[0]:
+    if command.function.startswith("run_"):  # it parses its command line itself: the Trainer verbs, tune
         function(None if from_argv else [name, *args])  # LightningCLI reads sys.argv itself
         return
     from jsonargparse import CLI
