@@ -8,7 +8,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vision_lora.averaging import TrainableEMA
 from vision_lora.cli import main
-from vision_lora.errors import VisionLoRAError
 
 
 class _Line(L.LightningModule):
@@ -87,8 +86,13 @@ def test_a_run_with_averaging_resumes_bit_for_bit_and_its_checkpoint_holds_the_a
     assert set(state["average"]) == {k for k in straight["state_dict"] if "lora_" in k or k.startswith("model.fc.")}
 
 
-def test_averaging_with_the_recipe_screen_is_refused_in_one_line(image_folder, tmp_path, monkeypatch):
+def test_averaging_with_the_recipe_screen_is_refused_in_one_line(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["fit", *FAST, f"--data.root={image_folder}", "--data.augment=auto"]
-    with pytest.raises(VisionLoRAError, match="--recipe off"):
+    with pytest.raises(SystemExit):
         main([*args, "--trainer.callbacks+=vision_lora.averaging.TrainableEMA"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        "vision-lora: error: Weight averaging (TrainableEMA) cannot run in the recipe screen: give --data.augment or "
+        "--recipe off."
+    ]
