@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ["machine", "train/test_vit", "train/test_convnext", "data", "export", "infer", "summary"]
+SECTIONS = ["data", "machine", "train/test_vit", "train/test_convnext", "export", "infer", "summary"]
 
 
 def _leaves(value, path: str = ""):
