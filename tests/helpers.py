@@ -164,3 +164,24 @@ class FailOnFirstStep(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         raise AssertionError("a training step started")
+
+
+class AppendKeys(L.Callback):
+    """Each rank appends a JSON line per train and val batch of `fit` to `keys-rank<N>.jsonl` in the working directory:
+    stage, epoch, step and sample keys, written at once, so that a run stopped mid-epoch keeps what it trained on."""
+
+    def _append(self, trainer, stage: str) -> None:
+        import json
+
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        line = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        line["keys"] = list(trainer.datamodule.batch_keys)
+        with open(f"keys-rank{trainer.global_rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._append(trainer, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._append(trainer, "val")

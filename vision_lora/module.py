@@ -123,6 +123,8 @@ class LoRAClassifier(L.LightningModule):
         grad_checkpointing: timm activation checkpointing of the backbone blocks (less memory, more compute).
         channels_last: run the model in channels-last memory format; None: on for ConvNets (faster LoRA training
             steps on the CPU; docs/benchmarks.md), off for ViTs.
+        compile: run the backbone's forward through `torch.compile` (the first steps pay for compilation; the
+            state dict, checkpoints and the `model` attribute stay those of the eager model).
         input_size: side (or [H, W]) of the network input; None: the backbone's timm data config.
         mean: per-channel normalisation mean; None: the backbone's timm data config.
         std: per-channel normalisation std; None: the backbone's timm data config.
@@ -154,6 +156,7 @@ class LoRAClassifier(L.LightningModule):
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
         channels_last: bool | None = None,
+        compile: bool = False,
         input_size: int | list[int] | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -204,6 +207,8 @@ class LoRAClassifier(L.LightningModule):
         self.channels_last = is_convnet(self.model) if channels_last is None else channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # A compiled function, not a submodule: no `_orig_mod.` state-dict keys, and `self.model` stays eager (export).
+        self._compiled_forward = torch.compile(self.model.forward) if compile else None
         self._build_metrics()
         self._mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -244,7 +249,7 @@ class LoRAClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self.model(x) if self._compiled_forward is None else self._compiled_forward(x)
 
     def trainable_state_keys(self) -> set[str]:
         """State-dict keys (with the `model.` prefix) of what trains: LoRA, head, and what the LoRA config adds."""

@@ -1,6 +1,6 @@
-"""The data side: decoding, image-folder and optimized (LitData) sources, and the DataModule."""
+"""The data side: decoding, image-folder and optimized (LitData) sources, and the DataModule (which needs Lightning
+and loads on first use, so that decoding and the sources import without it)."""
 
-from .datamodule import ImageFolderDataModule, train_counts
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImagePipeline, ImageTooLargeError, decode_image, load_rgb
 from .folder import FolderSource, image_files, labelled_images, preprocess_files, stratified_split
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
@@ -30,3 +30,14 @@ __all__ = [
     "streaming_dataset",
     "train_counts",
 ]
+
+
+_LAZY = {"ImageFolderDataModule", "train_counts"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
