@@ -114,5 +114,6 @@ def test_dropout_and_dora_keep_their_own_paths():
 
 def test_weight_gradient_rule_prefers_g_for_narrow_layers_only():
     assert weight_gradient_is_cheaper(16, 96, 8)
+    assert weight_gradient_is_cheaper(1024, 1024, 8)
     assert not weight_gradient_is_cheaper(2048, 2048, 8)
     assert not weight_gradient_is_cheaper(2048, 2048, 1)

@@ -215,7 +215,7 @@ def weight_gradient_is_cheaper(fan_in: int, out: int, r: int) -> bool:
 
 
 # Threshold of `weight_gradient_is_cheaper`, measured with benchmarks/kernels.py (docs/benchmarks.md).
-_G_PER_RANK = 32
+_G_PER_RANK = 64
 
 
 class _FoldedLoRAConv2d(torch.autograd.Function):
