@@ -1,5 +1,6 @@
 """What a benchmark JSON records about the machine it ran on: CPU model and SIMD flags, cores, torch version and
-threads. Every benchmark script can import it (the scripts run with `benchmarks/` on `sys.path`):
+threads (`python benchmarks/_machine.py` prints it). Every benchmark script can import it (a script runs with
+`benchmarks/` on `sys.path`):
 
     from _machine import machine_info
     results = {"machine": machine_info(threads=args.threads), ...}
@@ -51,3 +52,15 @@ def machine_info(threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
     }
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    argparse.ArgumentParser(description="Print what benchmark JSON records about this machine.").parse_args()
+    print(json.dumps(machine_info(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
