@@ -1,6 +1,12 @@
-"""Where q, k and v sit in a fused projection (`QKVLayout`), and the one-GEMM autograd kernels of LoRA / DoRA on a
-Linear whose update is split into such row slices (one slice for a plain Linear): the update is folded into the weight
-for the forward, and the adapter gradients are formed from thin GEMMs, never from zero blocks."""
+"""Where q, k and v sit in a fused projection (`QKVLayout`), and the autograd kernels of LoRA / DoRA that fold the
+update into the weight for the forward:
+
+* `sliced_linear`: a Linear whose update is split into row slices (one slice for a plain Linear); the adapter gradients
+  are formed from thin rank-r GEMMs, never from zero blocks.
+* `folded_conv2d`: a Conv2d; the adapter gradients come from the conv's weight gradient G = gᵀ·x, one pass over the
+  output gradient and the input (`convolution_backward` computes it beside the input gradient), instead of four thin
+  passes. `weight_gradient_is_cheaper` is the rule that picks between the two for a memory-bound layer.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["QKVLayout", "sliced_linear"]
+__all__ = ["QKVLayout", "folded_conv2d", "sliced_linear", "weight_gradient_is_cheaper"]
 
 
 @dataclass(frozen=True)
@@ -196,3 +202,77 @@ def sliced_linear(
     else:
         y = _SlicedDoRALinear.apply(x2, weight, bias, a, b, magnitude, scaling, groups, spans)
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def weight_gradient_is_cheaper(fan_in: int, out: int, r: int) -> bool:
+    """Whether a layer's adapter gradients are cheaper from its weight gradient G = gᵀ·x (2·fan_in·out flops per row,
+    one pass over g and x) than from four thin rank-r GEMMs (4·r·(fan_in + out) flops per row, two passes over each).
+
+    The thin passes are memory-bound on a CPU, so G wins until its flops outgrow the traffic it saves: while
+    fan_in·out / (fan_in + out) (the harmonic mean of the channel counts, halved) stays within `_G_PER_RANK`·r.
+    """
+    return fan_in * out <= _G_PER_RANK * r * (fan_in + out)
+
+
+# Threshold of `weight_gradient_is_cheaper`, measured with benchmarks/kernels.py (docs/benchmarks.md).
+_G_PER_RANK = 64
+
+
+class _FoldedLoRAConv2d(torch.autograd.Function):
+    """y = conv(x, W + s·B₂A₂) + b with zero padding given as numbers, trained without a second branch.
+
+    The forward is one conv with the update folded into the weight (V), and the backward one `convolution_backward`
+    that returns the input gradient (with V, as the frozen layer needs anyway) and the weight gradient G = gᵀ·x
+    together, from which the adapter gradients are two tiny matmuls: grad A₂ = s·B₂ᵀ G, grad B₂ = s·G A₂ᵀ. Tensors:
+    x (N, in, H, W) in any memory format, W (out, in, kh, kw), A (r, in, kh, kw), B (out, r, 1, 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, stride, padding, dilation):
+        out, r = weight.shape[0], lora_A.shape[0]
+        b2, a2 = lora_B.reshape(out, r).to(weight.dtype), lora_A.reshape(r, -1).to(weight.dtype)
+        v = torch.empty_like(weight)  # V in the base weight's memory format
+        v.copy_(torch.addmm(weight.reshape(out, -1), b2, a2, alpha=scaling).view(weight.shape))
+        ctx.save_for_backward(x, v, lora_A, lora_B)
+        ctx.conv = (stride, padding, dilation, bias is not None)
+        ctx.scaling = scaling
+        return F.conv2d(x, v, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, v, lora_A, lora_B = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.conv
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dt = grad.dtype  # under autocast the output (and its gradient) may be half precision
+        mask = [need_x, need_w or need_a or need_b, need_bias]
+        bias_sizes = [v.shape[0]] if has_bias else None
+        grad_x, g_w, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x.to(dt), v.to(dt), bias_sizes, stride, padding, dilation, False, [0, 0], 1, mask
+        )
+        grad_A = grad_B = None
+        if need_a or need_b:
+            out, r = v.shape[0], lora_A.shape[0]
+            g2 = g_w.reshape(out, -1).to(lora_A.dtype)  # G: (out, in·kh·kw)
+            if need_a:
+                grad_A = (lora_B.reshape(out, r).t() @ g2).mul_(ctx.scaling).view(lora_A.shape)  # (r, in·kh·kw)
+            if need_b:
+                grad_B = (g2 @ lora_A.reshape(r, -1).t()).mul_(ctx.scaling).view(lora_B.shape)  # (out, r)
+        grad_x = grad_x.to(x.dtype) if need_x else None
+        grad_w = g_w.to(v.dtype) if need_w else None
+        grad_bias = grad_bias if need_bias else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def folded_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """conv(x, W + s·B₂A₂) + b (groups 1, zero padding `padding`), the adapter gradients from the weight gradient."""
+    return _FoldedLoRAConv2d.apply(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation)

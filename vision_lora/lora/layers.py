@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import conv2d_same
+from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
 from ..errors import VisionLoRAError
-from .kernels import QKVLayout, sliced_linear
+from .kernels import QKVLayout, folded_conv2d, sliced_linear, weight_gradient_is_cheaper
 
 __all__ = ["LoRALayer", "LoRALinear", "LoRAQKVLinear", "LoRAConv2d", "QKVLayout", "dora_norm", "lora_scaling"]
 
@@ -402,8 +403,10 @@ class LoRAConv2d(LoRALayer):
     base conv's stride, padding and dilation, B a 1×1 conv back to the output channels; with DoRA a magnitude (out,)
     normalising each output channel's whole filter. Grouped convs are refused.
 
-    A 1×1 conv with stride 1 on a channels-last input trains as a Linear over the channels: one GEMM with the update
-    folded into the weight, as `LoRALinear` does.
+    Without dropout and DoRA, training runs one conv with the update folded into the weight and takes the adapter
+    gradients from the conv's weight gradient (`folded_conv2d`) where `weight_gradient_is_cheaper` says so; otherwise
+    a 1×1 conv with stride 1 on a channels-last input trains as a Linear over the channels (`sliced_linear`, thin
+    adapter GEMMs), and anything else as two branches.
     """
 
     def __init__(
@@ -431,6 +434,9 @@ class LoRAConv2d(LoRALayer):
         _init_lora_A(self.lora_A, in_c * kh * kw)
         self._init_magnitude()
         self._pointwise = (kh, kw) == (1, 1) and tuple(base_layer.stride) == (1, 1) and _no_padding(base_layer)
+        numeric = base_layer.padding_mode == "zeros" and not isinstance(base_layer.padding, str)
+        same = isinstance(base_layer, Conv2dSame)
+        self._fold_conv = (same or numeric) and weight_gradient_is_cheaper(in_c * kh * kw, out_c, r)
 
     @property
     def kind(self) -> str:
@@ -452,8 +458,13 @@ class LoRAConv2d(LoRALayer):
 
     def _forward_train(self, x: Tensor) -> Tensor:
         no_dropout = isinstance(self.lora_dropout, nn.Identity)
+        base = self.base_layer
+        if no_dropout and self._fold_conv and not self.use_dora:
+            if isinstance(base, Conv2dSame):  # the same-padding first, then a conv with no padding
+                x = pad_same(x, base.kernel_size, base.stride, base.dilation)
+            geometry = (tuple(base.stride), tuple(base.padding), tuple(base.dilation))
+            return folded_conv2d(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, *geometry)
         if no_dropout and self._pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            base = self.base_layer
             w = base.weight.view(base.out_channels, base.in_channels)  # (out, in)
             a, b = self.lora_A.view(1, self.r, -1), self.lora_B.view(1, -1, self.r)
             y = sliced_linear(
