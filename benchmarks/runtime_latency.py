@@ -59,6 +59,8 @@ def ort_session(path: Path, threads: int, profile: str | None = None):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Idle threads that spin after a run would take the cores from the next file's run in the alternation.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = profile

@@ -20,6 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import litserve as ls
 import numpy as np
@@ -241,6 +242,49 @@ def _replay(body: bytes, receive):
     return replay
 
 
+class _FirstThen:
+    """A queue that hands out `first`, then what `queue` holds (the `get` / `get_nowait` that LitServe's collation
+    uses)."""
+
+    def __init__(self, first, queue) -> None:
+        self.first, self.queue = [first], queue
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        return self.first.pop() if self.first else self.queue.get(block, timeout)
+
+    def get_nowait(self):
+        return self.get(False)
+
+
+try:  # LitServe's batched loop and its collation, to wait instead of polling (`WaitingBatchedLoop`)
+    from litserve.loops.base import collate_requests
+    from litserve.loops.simple_loops import BatchedLoop
+except ImportError:  # another LitServe layout: its own loop is used
+    BatchedLoop = None
+
+if BatchedLoop is not None:
+
+    class WaitingBatchedLoop(BatchedLoop):
+        """LitServe's batched loop, except that an idle worker waits in a blocking `get` for the first request of a
+        batch.
+
+        LitServe's own loop polls its queue every millisecond while no request is there, which keeps taking CPU from
+        the HTTP process on a small machine (docs/deployment.md, "Batching"). The batch window (`batch_timeout`) starts
+        when the first request arrives, as before.
+        """
+
+        def get_batch_requests(self, lit_api, request_queue, transport):
+            try:
+                first = request_queue.get(timeout=1.0)
+            except Empty:
+                return [], []
+            return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+
+
+def _batched_loop(max_batch_size: int):
+    return WaitingBatchedLoop() if BatchedLoop is not None and max_batch_size > 1 else "auto"
+
+
 class ClassifierAPI(ls.LitAPI):
     """The inference worker: preprocessed images in, top-k classes out, batched by LitServe.
 
@@ -262,7 +306,8 @@ class ClassifierAPI(ls.LitAPI):
         threads: int | None = None,
         ov_precision: str = "f32",
     ):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        loop = _batched_loop(max_batch_size)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
         self.served = served
         self.threads = threads
         self.ov_precision = ov_precision
