@@ -15,8 +15,10 @@ import pytest
 import timm
 import torch
 from test_serve import multipart, serving
+from test_serve import run as trained_run  # noqa: F401  the fixture `run`: a trained test_resnet run
 
 from vision_lora import LoRAConfig, apply_lora
+from vision_lora.cli import main
 from vision_lora.deploy import read_onnx_metadata
 from vision_lora.deploy.int8 import check_agreement
 from vision_lora.errors import VisionLoRAError
@@ -151,3 +153,22 @@ def test_serving_the_ir_answers_like_serving_the_onnx_file(ir, tmp_path):
     for onnx_answer, ir_answer in zip(answers["model.onnx"], answers["model.xml"], strict=True):
         assert [p["label"] for p in onnx_answer] == [p["label"] for p in ir_answer]
         assert np.allclose([p["score"] for p in onnx_answer], [p["score"] for p in ir_answer], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_openvino_int8_through_the_cli_and_its_gate(request, capsys):
+    run = request.getfixturevalue("trained_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run["work"])
+        best = str(run["best"])
+        main(["export", "--ckpt_path", best, "--format", "openvino", "--output", "ov.xml", "--quantize", "int8"])
+        assert read_openvino_metadata("ov.xml")["precision"] == "int8"
+        assert read_openvino_metadata("ov.fp32.xml")["precision"] == "float32"
+        Path("kept.xml").write_bytes(b"previous export")
+        with pytest.raises(SystemExit):
+            args = ["--output", "kept.xml", "--quantize", "int8", "--min_agreement", "1.01"]
+            main(["export", "--ckpt_path", best, "--format", "openvino", *args])
+        err = capsys.readouterr().err
+        assert "under --min_agreement" in err and "kept.xml was not written" in err
+        assert Path("kept.xml").read_bytes() == b"previous export" and not Path("kept.bin").exists()
+        assert not [p for p in Path(".").iterdir() if p.name.startswith(".kept")]  # no staging folder left
