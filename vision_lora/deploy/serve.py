@@ -319,6 +319,12 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         served = self.served
         self.normalize = eval_stages(served.data_config)[1]
+        if served.onnx is not None or served.openvino is not None:
+            import torch
+
+            # torch only normalises the batch here: with more than one thread its idle OpenMP workers would keep
+            # spinning on the cores the runtime and the HTTP process need (docs/deployment.md, "Batching").
+            torch.set_num_threads(1)
         if served.onnx is not None:
             import onnxruntime as ort
 
