@@ -167,8 +167,10 @@ class OpenVINOReport:
         diffs = ", ".join(
             f"{d:.2e} ({'images' if b == 'images' else f'batch {b}'})" for b, d in self.max_abs_diff.items()
         )
+        # The ONNX file may have been a temporary one: its verification lines are what the IR was converted from.
+        onnx_lines = "\n".join(str(self.onnx).splitlines()[1:])
         return (
-            f"{self.onnx}\n"
+            f"{onnx_lines}\n"
             f"OpenVINO IR written to {self.path} (+ .bin): {self.size_bytes / 1e6:.1f} MB, {self.weights} weights, "
             f"converted and verified in {self.seconds:.1f} s\n"
             f"OpenVINO (f32 inference precision) vs PyTorch: max |diff| {diffs} (largest |logit| "
