@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command] = {
     "test": Command(*_TRAINER, "evaluate a checkpoint on the test split (results beside its run)"),
     "predict": Command(*_TRAINER, "classify a folder of images with a checkpoint (a predictions CSV beside its run)"),
     "export": Command(
-        "vision_lora.commands", "export", None, "merge LoRA and write ONNX (verified; int8), timm or PEFT"
+        "vision_lora.commands", "export", None, "merge LoRA and write ONNX or OpenVINO (verified; int8), timm or PEFT"
     ),
     "serve": Command("vision_lora.deploy.serve", "serve", "serve", "serve a model over HTTP with dynamic batching"),
     "optimize": Command("vision_lora.commands", "optimize", "stream", "write an image folder as LitData shards"),

@@ -36,7 +36,7 @@ def export(
     ckpt_path: str | None = None,
     adapter: str | None = None,
     output: str = "model.onnx",
-    format: Literal["onnx", "timm", "peft"] = "onnx",  # noqa: A002 - the flag users type
+    format: Literal["onnx", "openvino", "timm", "peft"] = "onnx",  # noqa: A002 - the flag users type
     opset: int = 18,
     fp16: bool = False,
     verify_dir: str | None = None,
@@ -49,25 +49,29 @@ def export(
     data: DataRoot | None = None,
     runs_dir: str = "runs/lightning_logs",
 ) -> None:
-    """Merge the trained LoRA into the backbone and export it (ONNX, int8 ONNX, timm weights or PEFT's format).
+    """Merge the trained LoRA into the backbone and export it (ONNX, OpenVINO IR, int8 of either, timm weights or
+    PEFT's format).
 
-    ONNX files are verified against PyTorch in onnxruntime before they are written.
+    ONNX files are verified against PyTorch in onnxruntime, OpenVINO IRs in OpenVINO, before they are written.
 
     Args:
         ckpt_path: a checkpoint written by `vision-lora fit`, or "best" / "last": that checkpoint of the newest run
             under `runs_dir`.
         adapter: an adapter directory written by `vision-lora fit` (instead of `ckpt_path`).
         output: the file to write (for --format peft a directory; by default `peft_adapter`).
-        format: "onnx" (verified against onnxruntime), "timm" (a merged state dict that
+        format: "onnx" (verified against onnxruntime), "openvino" (an OpenVINO IR: `output` is the .xml, the weights
+            go to the .bin beside it; converted from the verified ONNX export and verified in OpenVINO; needs the
+            [openvino] extra), "timm" (a merged state dict that
             `timm.create_model(name, num_classes=N, checkpoint_path=output)` loads; .safetensors or .pth), or
             "peft" (the unmerged adapter as `adapter_model.safetensors` + `adapter_config.json`, which
             `peft.PeftModel.from_pretrained(timm.create_model(name, num_classes=N), output)` loads).
         opset: ONNX opset version.
-        fp16: write fp16 ONNX weights (verified with a looser tolerance).
+        fp16: write fp16 weights (verified with a looser tolerance); ONNX then also computes in fp16, OpenVINO in the
+            inference precision it runs with (f32 in `serve` by default).
         verify_dir: a folder of real images to also verify the ONNX file on.
         verify_limit: at most this many images of `verify_dir`.
-        quantize: "int8": `output` becomes a static int8 (QDQ) model and the verified float32 one is written
-            beside it as `<output stem>.fp32.onnx`.
+        quantize: "int8": `output` becomes a static int8 model (ONNX: QDQ by onnxruntime; OpenVINO: NNCF) and the
+            verified float32 one is written beside it as `<output stem>.fp32.onnx` (or `.fp32.xml`).
         calib_dir: images to calibrate int8 activations on; by default `calib_split` of the data root.
         calib_split: the split of the data root (the checkpoint's, or --data.root) to calibrate on.
         calib_images: at most this many calibration images.
@@ -81,8 +85,10 @@ def export(
     """
     from .deploy.onnx import export_onnx
 
-    if quantize and (fp16 or format != "onnx"):
-        raise VisionLoRAError(f"--quantize takes 'int8', for a float32 ONNX export (no --fp16); got {quantize!r}.")
+    if quantize and (fp16 or format not in ("onnx", "openvino")):
+        raise VisionLoRAError(
+            f"--quantize takes 'int8', for a float32 ONNX or OpenVINO export (no --fp16); got {quantize!r}."
+        )
     if ckpt_path in ("best", "last"):
         ckpt_path = str(resolve_checkpoint(ckpt_path, runs_dir))
         rank_zero_info(f"--ckpt_path: {ckpt_path}")
@@ -96,6 +102,10 @@ def export(
         rank_zero_info(f"PEFT adapter of {trained.name} written to {path}")
         return
     images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
+    int8 = dict(calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
+    if format == "openvino":
+        _export_openvino(trained, output, fp16, images, quantize, data.root if data is not None else None, int8)
+        return
     fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output
     report = export_onnx(
         trained.model,
@@ -111,9 +121,37 @@ def export(
         from .deploy.int8 import quantize_trained
 
         root = data.root if data is not None else None
-        settings = dict(calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
-        report = quantize_trained(trained, fp32_path, output, data_root=root, calib_dir=calib_dir, **settings)
+        report = quantize_trained(trained, fp32_path, output, data_root=root, **int8)
         rank_zero_info(str(report))
+
+
+def _export_openvino(
+    trained, output: str, fp16: bool, images, quantize: str | None, data_root: str | None, int8: dict
+) -> None:
+    """`export --format openvino`: the verified IR, and with `quantize` its NNCF int8 behind the agreement gate."""
+    from .deploy.int8 import check_agreement, run_images
+    from .deploy.openvino import export_openvino, quantize_openvino_int8
+
+    if output == "model.onnx":
+        output = "model.xml"
+    if Path(output).suffix != ".xml":
+        raise VisionLoRAError(f"--format openvino writes an .xml (with a .bin beside it); got --output {output}.")
+    fp32_path = Path(output).with_suffix(".fp32.xml") if quantize else Path(output)
+    report = export_openvino(
+        trained.model,
+        fp32_path,
+        class_names=trained.class_names,
+        data_config=trained.data_config,
+        fp16=fp16,
+        images=images,
+    )
+    rank_zero_info(str(report))
+    if quantize:
+        min_agreement = int8.pop("min_agreement")
+        calibration, evaluation, labels, eval_name = run_images(trained, data_root=data_root, **int8)
+        settings = dict(eval_name=eval_name, min_agreement=min_agreement)
+        result = quantize_openvino_int8(fp32_path, output, calibration, evaluation, labels, **settings)
+        rank_zero_info(str(check_agreement(result, fp32_path)))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..data.folder import image_files, labelled_images, preprocess_files
 from ..errors import VisionLoRAError
 from .onnx import INPUT_NAME, OUTPUT_NAME, check_graph, read_onnx_metadata
 
-__all__ = ["INT8_OP_TYPES", "QuantizationReport", "quantize_int8", "quantize_trained"]
+__all__ = ["INT8_OP_TYPES", "QuantizationReport", "check_agreement", "quantize_int8", "quantize_trained", "run_images"]
 
 # Quantizing only the weight-heavy ops keeps Add / Mul / Softmax / LayerNorm in float32, where int8 costs accuracy
 # (residual sums and attention probabilities) and saves little time.
@@ -67,6 +67,7 @@ class QuantizationReport:
     fp32_accuracy: float | None
     int8_accuracy: float | None
     seconds: float
+    runtime: str = "ONNX"
 
     def __str__(self) -> str:
         acc = ""
@@ -74,7 +75,7 @@ class QuantizationReport:
             acc = f"; accuracy fp32 {100 * self.fp32_accuracy:.2f}%, int8 {100 * self.int8_accuracy:.2f}%"
         verb = "written to" if self.written else "NOT written to"
         return (
-            f"int8 ONNX {verb} {self.path}: {self.size_bytes / 1e6:.1f} MB "
+            f"int8 {self.runtime} {verb} {self.path}: {self.size_bytes / 1e6:.1f} MB "
             f"({self.size_bytes / self.fp32_size_bytes:.2f} of fp32), calibrated on {self.calibration_images} images "
             f"in {self.seconds:.1f} s\n"
             f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): top-1 agreement "
@@ -210,6 +211,51 @@ def quantize_int8(
     )
 
 
+def run_images(
+    trained: TrainedModel,
+    *,
+    data_root: str | os.PathLike | None = None,
+    calib_dir: str | os.PathLike | None = None,
+    calib_split: str = "train",
+    calib_images: int = 256,
+) -> tuple[Tensor, Tensor, Tensor | None, str]:
+    """The images int8 is calibrated and judged on: calibration from `calib_dir` or the `calib_split` of the data root
+    (`data_root`, else the run's), evaluation on its labelled test split (else val; else the calibration images,
+    without labels).
+
+    Returns:
+        (calibration, evaluation, labels or None, the evaluation images' name for the report).
+
+    Raises:
+        VisionLoRAError: no data root to take images from.
+    """
+    root = Path(data_root or trained.data_root) if (data_root or trained.data_root) else None
+    if calib_dir is None:
+        if root is None:
+            raise VisionLoRAError("int8 calibration needs real images: give --calib_dir DIR or --data.root of the run.")
+        calib_dir = root / calib_split
+    calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
+    split = next((root / s for s in ("test", "val") if root is not None and (root / s).is_dir()), None)
+    if split is not None and trained.class_names:
+        paths, targets = labelled_images(split, trained.class_names)
+        return calibration, preprocess_files(paths, trained.data_config), torch.tensor(targets), str(split)
+    return calibration, calibration, None, f"the calibration images of {calib_dir}"
+
+
+def check_agreement(report: QuantizationReport, fp32_path: str | os.PathLike) -> QuantizationReport:
+    """`report`, or the error that says its int8 file was not written.
+
+    Raises:
+        VisionLoRAError: the agreement is under the minimum (the int8 file is then not written; `fp32_path` stays).
+    """
+    if not report.written:
+        raise VisionLoRAError(
+            f"{report}\nint8 top-1 agreement {100 * report.agreement:.2f}% is under --min_agreement "
+            f"{100 * report.min_agreement:.2f}%: {report.path} was not written (the float32 model is {fp32_path})."
+        )
+    return report
+
+
 def quantize_trained(
     trained: TrainedModel,
     fp32_path: str | os.PathLike,
@@ -221,31 +267,17 @@ def quantize_trained(
     calib_images: int = 256,
     min_agreement: float = 0.99,
 ) -> QuantizationReport:
-    """`quantize_int8` with the images of a run: calibration on `calib_dir` or the `calib_split` of the data root,
-    evaluation on its labelled test split (else val; else the calibration images, without accuracies).
+    """`quantize_int8` with the images of a run (`run_images`).
 
     Raises:
         VisionLoRAError: no data root to take images from, or the agreement is under `min_agreement` (the int8 file is
             then not written; `fp32_path` stays).
     """
-    root = Path(data_root or trained.data_root) if (data_root or trained.data_root) else None
-    if calib_dir is None:
-        if root is None:
-            raise VisionLoRAError("int8 calibration needs real images: give --calib_dir DIR or --data.root of the run.")
-        calib_dir = root / calib_split
-    calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
-    labels, eval_name = None, f"the calibration images of {calib_dir}"
-    evaluation = calibration
-    split = next((root / s for s in ("test", "val") if root is not None and (root / s).is_dir()), None)
-    if split is not None and trained.class_names:
-        paths, targets = labelled_images(split, trained.class_names)
-        evaluation, labels, eval_name = preprocess_files(paths, trained.data_config), torch.tensor(targets), str(split)
+    images = run_images(
+        trained, data_root=data_root, calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images
+    )
+    calibration, evaluation, labels, eval_name = images
     report = quantize_int8(
         fp32_path, output, calibration, evaluation, labels, eval_name=eval_name, min_agreement=min_agreement
     )
-    if not report.written:
-        raise VisionLoRAError(
-            f"{report}\nint8 top-1 agreement {100 * report.agreement:.2f}% is under --min_agreement "
-            f"{100 * min_agreement:.2f}%: {output} was not written (the float32 model is {fp32_path})."
-        )
-    return report
+    return check_agreement(report, fp32_path)

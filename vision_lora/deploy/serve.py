@@ -20,6 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import litserve as ls
 import numpy as np
@@ -44,12 +45,14 @@ class ServedModel:
 
     Attributes:
         onnx: an .onnx file written by `vision-lora export`, served with onnxruntime.
+        openvino: an OpenVINO IR (.xml) written by `vision-lora export --format openvino`, served with OpenVINO.
         ckpt_path: a checkpoint of `vision-lora fit`, merged in memory and served with PyTorch.
         adapter: an adapter directory of `vision-lora fit`, likewise.
         info: name, classes, preprocessing and provenance, as `GET /info` shows them under "model".
     """
 
     onnx: str | None = None
+    openvino: str | None = None
     ckpt_path: str | None = None
     adapter: str | None = None
     info: dict = field(default_factory=dict)
@@ -69,8 +72,19 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
     from .. import __version__
 
     if sum(s is not None for s in (model, ckpt_path, adapter)) != 1:
-        raise VisionLoRAError("serve needs exactly one of --model (an exported .onnx), --ckpt_path or --adapter.")
-    if model is not None:
+        raise VisionLoRAError(
+            "serve needs exactly one of --model (an exported .onnx or OpenVINO .xml), --ckpt_path or --adapter."
+        )
+    if model is not None and Path(model).suffix == ".xml":
+        from .openvino import read_openvino_metadata
+
+        meta = read_openvino_metadata(model)
+        source = ServedModel(openvino=str(Path(model).resolve()))
+        precision = f"{meta.get('precision', 'float32')} (OpenVINO)"
+        name, classes, version = meta["backbone"], meta.get("class_names"), meta["vision_lora_version"]
+        num_classes = meta["num_classes"]
+        config = meta
+    elif model is not None:
         try:
             meta = read_onnx_metadata(model)
         except ValueError as err:
@@ -104,7 +118,7 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
         **data_config_record(config),
         "precision": precision,
         "quantization": config.get("quantization"),
-        "source": source.onnx or source.ckpt_path or source.adapter,
+        "source": source.onnx or source.openvino or source.ckpt_path or source.adapter,
         "version": version,
     }
     return source
@@ -228,6 +242,49 @@ def _replay(body: bytes, receive):
     return replay
 
 
+class _FirstThen:
+    """A queue that hands out `first`, then what `queue` holds (the `get` / `get_nowait` that LitServe's collation
+    uses)."""
+
+    def __init__(self, first, queue) -> None:
+        self.first, self.queue = [first], queue
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        return self.first.pop() if self.first else self.queue.get(block, timeout)
+
+    def get_nowait(self):
+        return self.get(False)
+
+
+try:  # LitServe's batched loop and its collation, to wait instead of polling (`WaitingBatchedLoop`)
+    from litserve.loops.base import collate_requests
+    from litserve.loops.simple_loops import BatchedLoop
+except ImportError:  # another LitServe layout: its own loop is used
+    BatchedLoop = None
+
+if BatchedLoop is not None:
+
+    class WaitingBatchedLoop(BatchedLoop):
+        """LitServe's batched loop, except that an idle worker waits in a blocking `get` for the first request of a
+        batch.
+
+        LitServe's own loop polls its queue every millisecond while no request is there, which keeps taking CPU from
+        the HTTP process on a small machine (docs/deployment.md, "Batching"). The batch window (`batch_timeout`) starts
+        when the first request arrives, as before.
+        """
+
+        def get_batch_requests(self, lit_api, request_queue, transport):
+            try:
+                first = request_queue.get(timeout=1.0)
+            except Empty:
+                return [], []
+            return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
+
+
+def _batched_loop(max_batch_size: int):
+    return WaitingBatchedLoop() if BatchedLoop is not None and max_batch_size > 1 else "auto"
+
+
 class ClassifierAPI(ls.LitAPI):
     """The inference worker: preprocessed images in, top-k classes out, batched by LitServe.
 
@@ -236,7 +293,8 @@ class ClassifierAPI(ls.LitAPI):
         top_k: classes per answer.
         max_batch_size: the most requests run together.
         batch_timeout: seconds a batch waits to fill.
-        threads: compute threads of each worker; None lets onnxruntime / PyTorch choose (all cores).
+        threads: compute threads of each worker; None lets onnxruntime / OpenVINO / PyTorch choose (all cores).
+        ov_precision: OpenVINO's inference precision ("f32", "bf16", or "default": OpenVINO's choice).
     """
 
     def __init__(
@@ -246,10 +304,13 @@ class ClassifierAPI(ls.LitAPI):
         max_batch_size: int = 16,
         batch_timeout: float = 0.005,
         threads: int | None = None,
+        ov_precision: str = "f32",
     ):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        loop = _batched_loop(max_batch_size)
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
         self.served = served
         self.threads = threads
+        self.ov_precision = ov_precision
         self.top_k = min(top_k, served.info["num_classes"])
         channels, height, width = served.info["input_size"]
         self.shape = (height, width, channels)
@@ -258,6 +319,12 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         served = self.served
         self.normalize = eval_stages(served.data_config)[1]
+        if served.onnx is not None or served.openvino is not None:
+            import torch
+
+            # torch only normalises the batch here: with more than one thread its idle OpenMP workers would keep
+            # spinning on the cores the runtime and the HTTP process need (docs/deployment.md, "Batching").
+            torch.set_num_threads(1)
         if served.onnx is not None:
             import onnxruntime as ort
 
@@ -268,6 +335,13 @@ class ClassifierAPI(ls.LitAPI):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(served.onnx, options, providers=["CPUExecutionProvider"])
             self.run = lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            return
+        if served.openvino is not None:
+            from .openvino import compile_openvino
+
+            compiled = compile_openvino(served.openvino, self.ov_precision, self.threads)
+            request = compiled.create_infer_request()
+            self.run = lambda x: request.infer({0: x})[0].copy()
             return
         import torch
 
@@ -331,12 +405,14 @@ def serve(
     top_k: int = 5,
     max_pixels: float = DEFAULT_MAX_PIXELS,
     max_body_mb: float = 20.0,
+    ov_precision: str = "f32",
 ) -> None:
     """Serve a classifier over HTTP until SIGTERM or Ctrl-C: `POST /predict` (multipart field "image", or JSON
     {"image": base64}) answers {"predictions": [{"label", "index", "score"}, ...]}; `GET /health`; `GET /info`.
 
     Args:
-        model: an .onnx file written by `vision-lora export` (fp32, fp16 or int8), served with onnxruntime.
+        model: an .onnx file written by `vision-lora export` (fp32, fp16 or int8), served with onnxruntime, or an
+            OpenVINO IR (.xml) of `vision-lora export --format openvino`, served with OpenVINO.
         ckpt_path: instead, a checkpoint of `vision-lora fit`, merged and served with PyTorch.
         adapter: instead, an adapter directory of `vision-lora fit`, merged and served with PyTorch.
         host: the interface to bind: 127.0.0.1 (this machine only), 0.0.0.0 or ::.
@@ -347,6 +423,8 @@ def serve(
         top_k: classes per answer.
         max_pixels: larger images are refused (413) from their header, before decoding.
         max_body_mb: larger request bodies are refused (413).
+        ov_precision: for an OpenVINO IR, its inference precision: "f32" (what the export was verified at), "bf16",
+            or "default" (OpenVINO's choice for this CPU, bf16 where the CPU has it; faster, less exact).
 
     Raises:
         VisionLoRAError: a bad option or model source, found before any worker starts.
@@ -362,7 +440,9 @@ def serve(
         raise VisionLoRAError("--batch_timeout_ms must be >= 0, --max_pixels and --max_body_mb positive.")
     served = describe_model(model, ckpt_path, adapter)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # workers share the cores
-    api = ClassifierAPI(served, top_k, max_batch_size, batch_timeout_ms / 1000, threads)
+    if ov_precision not in ("f32", "bf16", "f16", "default"):
+        raise VisionLoRAError(f"--ov_precision must be f32, bf16, f16 or default, got {ov_precision!r}.")
+    api = ClassifierAPI(served, top_k, max_batch_size, batch_timeout_ms / 1000, threads, ov_precision)
     limits = {"max_batch_size": max_batch_size, "batch_timeout_ms": batch_timeout_ms, "top_k": api.top_k}
     limits |= {"max_pixels": int(max_pixels), "max_body_mb": max_body_mb, "workers": workers}
     gate = {"data_config": served.data_config, "max_body_bytes": int(max_body_mb * 1e6), "max_pixels": int(max_pixels)}
