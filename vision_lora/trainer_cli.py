@@ -277,14 +277,13 @@ class VisionLoRACLI(LightningCLI):
             stop_on_curve=needs_length,
         )
 
-    def _record_decision(self) -> None:
+    def _record_decision(self, out_dir: Path) -> None:
         """After a fit that screened recipes: the table as `screen.csv`, and the winner in the run's `config.yaml`
         (its augmentation, `recipe: off`, the length left to the val curve again), so that rerunning the config
         trains the winner without the screen."""
         screen = self._callback(RecipeScreen)
         if screen is None or screen.winner is None or len(screen.candidates) < 2 or not self.trainer.is_global_zero:
             return
-        out_dir = run_dir(self.trainer)
         screen.write_table(out_dir / "screen.csv")
         saver = self._callback(SaveConfigCallback)
         if saver is None:
@@ -362,7 +361,7 @@ class VisionLoRACLI(LightningCLI):
                 trainer.loggers = loggers
         self._report(out_dir, history)
         if not trainer.interrupted:
-            self._record_decision()
+            self._record_decision(out_dir)  # found on every rank: finding it is a collective call
         if getattr(self, "_baseline", None) is not None and not trainer.interrupted:
             lora = evaluate_best(trainer, self.model, self.datamodule, "LoRA")
             for line in write_comparison(out_dir / "baseline.json", self._baseline, lora):
