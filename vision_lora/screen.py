@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,15 +42,7 @@ class CandidateResult:
 
     def better_than(self, other: CandidateResult, mode: str) -> bool:
         """Ranked on the monitored value, ties to the lower val_loss (the best-checkpoint rule)."""
-        if other.best is None:
-            return self.best is not None
-        if self.best is None:
-            return False
-        if self.best != other.best:
-            return self.best > other.best if mode == "max" else self.best < other.best
-        return (self.val_loss if self.val_loss is not None else math.inf) < (
-            other.val_loss if other.val_loss is not None else math.inf
-        )
+        return self.best is not None and _improves(self.best, self.val_loss, other.best, other.val_loss, mode)
 
 
 def _improves(value: float, loss: float | None, best: float | None, best_loss: float | None, mode: str) -> bool:
@@ -72,7 +63,6 @@ class RecipeScreen(L.Callback):
         mode: "max" or "min" for `monitor`.
         tie_break: the metric that breaks ties, lower is better.
         apply: sets a candidate's options on the datamodule (its training data must follow them).
-        on_decision: called on global rank 0 with the winner and the table, once the screen has decided.
         stop_on_curve: end the run when the winner's val curve stops improving (False: the user gave the length).
     """
 
@@ -84,20 +74,18 @@ class RecipeScreen(L.Callback):
         mode: str = "max",
         tie_break: str = "val_loss",
         apply: Callable[[L.LightningDataModule, Candidate], None] | None = None,
-        on_decision: Callable[[Candidate, list[CandidateResult]], None] | None = None,
         stop_on_curve: bool = True,
     ) -> None:
         self.candidates = candidates
         self.length = length
         self.monitor, self.mode, self.tie_break = monitor, mode, tie_break
-        self.apply, self.on_decision, self.stop_on_curve = apply, on_decision, stop_on_curve
+        self.apply, self.stop_on_curve = apply, stop_on_curve
         self.results = [CandidateResult(c.name, dict(c.options)) for c in candidates]
         self.index = 0  # the candidate training now
         self.winner: int | None = None if len(candidates) > 1 else 0
         self.pending: int | None = None  # the candidate whose state is loaded at the next epoch start
         self.states: dict[int | str, dict[str, Any]] = {}  # rung-end states by candidate, and "initial"
         self.since_best = 0
-        self.stopped_early: bool | None = None
         self._trainer: L.Trainer | None = None
 
     @property
@@ -208,8 +196,6 @@ class RecipeScreen(L.Callback):
         self.since_best = self._since_best(self.results[winner])
         for line in self.table():
             rank_zero_info(line)
-        if trainer.is_global_zero and self.on_decision is not None:
-            self.on_decision(self.candidates[winner], self.results)
 
     def _drop_losing_checkpoints(self, trainer: L.Trainer, winner: int) -> None:
         """The losers' best checkpoints go: the run's best checkpoint is the winner's."""
@@ -233,14 +219,12 @@ class RecipeScreen(L.Callback):
             return
         if self.since_best >= length.patience:
             trainer.should_stop = True
-            self.stopped_early = True
             rank_zero_info(
                 f"recipe: {self.monitor} has not improved for {self.since_best} epochs; stopping after {epochs} "
                 f"epochs of {result.name}"
             )
         elif epochs >= length.max_epochs:
             trainer.should_stop = True
-            self.stopped_early = False
             if self.since_best == 0:
                 rank_zero_info(
                     f"recipe: {self.monitor} was still improving at the cap of {length.max_epochs} epochs; "
