@@ -30,7 +30,7 @@ from ..preprocess import complete_data_config, resolve_data_config
 from ..weights import create_backbone
 from .adapters import AdapterSpec, BackboneSpec, check_compatible, check_name, inspect_adapter
 
-__all__ = ["MultiAdapterModel"]
+__all__ = ["MultiAdapterModel", "resolve_backbone"]
 
 
 class _Route:
@@ -149,6 +149,23 @@ class _RoutedHead(nn.Module):
         return torch.cat([F.pad(o, (0, width - o.shape[-1])) for o in outs])  # (N, ..., C_max)
 
 
+def resolve_backbone(
+    backbone: str, weights: str, input_size: int | None = None, data_config: dict | None = None
+) -> tuple[nn.Module, BackboneSpec]:
+    """The frozen backbone in eval mode and what adapters must match: its name, weight source and preprocessing
+    (`data_config`, else its timm data config with `input_size`).
+
+    Raises:
+        VisionLoRAError: an unknown model or a weight source that cannot be loaded (see `create_backbone`).
+        FileNotFoundError: a weights file that does not exist.
+    """
+    model = create_backbone(backbone, weights=weights).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = data_config or resolve_data_config(model, {"input_size": input_size} if input_size else None)
+    return model, BackboneSpec(backbone, weights, complete_data_config(config))
+
+
 class MultiAdapterModel(nn.Module):
     """One frozen timm backbone and any number of LoRA adapters (each with its own head, classes and rank), run
     together in mixed batches.
@@ -173,14 +190,8 @@ class MultiAdapterModel(nn.Module):
         input_size: int | None = None,
     ) -> None:
         super().__init__()
-        model = create_backbone(backbone, weights=weights).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.name = backbone
-        self.data_config = complete_data_config(
-            data_config or resolve_data_config(model, {"input_size": input_size} if input_size else None)
-        )
-        self.spec = BackboneSpec(backbone, weights, self.data_config)
+        model, self.spec = resolve_backbone(backbone, weights, input_size, data_config)
+        self.name, self.data_config = backbone, self.spec.data_config
         self._plain = [model]  # the unrouted model, kept out of the module tree: adapters are loaded onto copies of it
         self._shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         self._heads = classifier_names(model)
