@@ -81,6 +81,7 @@ def setup(tmp_path_factory):
     vit_weights = work / "test_vit.pth"
     torch.save(timm.create_model("test_vit").state_dict(), vit_weights)
     make_adapter(live, "other_backbone", vit_weights, "test_vit", r=2)
+    make_adapter(live, "other_size", weights, "test_resnet", r=2, input_size=2 * SIDE)
     pickled = shutil.copytree(good["peft"], live / "pickled")
     (pickled / "adapter_model.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
@@ -97,7 +98,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     args = ["--backbone", "test_resnet", "--weights", str(setup["weights"]), "--adapters", str(setup["live"])]
-    args += ["--input_size", str(SIDE), "--max_adapters", "2", "--max_adapter_mb", "1", "--batch_timeout_ms", "200"]
+    args += ["--max_adapters", "2", "--max_adapter_mb", "1", "--batch_timeout_ms", "200"]
     with serving(*args, log=setup["work"] / "server.log") as server:
         yield server
 
@@ -141,6 +142,7 @@ def test_bad_adapters_are_listed_with_their_error_and_refused(setup, server):
     reasons = {
         "truncated": "not a complete safetensors file",
         "other_backbone": "trained on 'test_vit'",
+        "other_size": "preprocessing differs",
         "pickled": "a pickle format",
         "oversize": "over the cap",
     }

@@ -392,7 +392,6 @@ def serve(
     backbone: str | None = None,
     weights: str = "pretrained",
     adapters: str | None = None,
-    input_size: int | None = None,
     max_adapters: int | None = None,
     max_adapter_mb: float = 64.0,
 ) -> None:
@@ -401,7 +400,8 @@ def serve(
 
     With `--backbone NAME --adapters DIR`, many classifiers share one backbone (docs/multi-adapter.md): each request
     names its adapter (field / key "adapter"; "logits": true adds the raw logits), answers name the adapter and its
-    content hash, `GET /adapters` lists them, and DIR is re-read every second.
+    content hash, `GET /adapters` lists them, and DIR is re-read every second. The preprocessing served is the one
+    the adapters in DIR record.
 
     Args:
         model: an .onnx file written by `vision-lora export` (fp32, fp16 or int8), served with onnxruntime, or an
@@ -421,7 +421,6 @@ def serve(
         backbone: instead of a model source, the timm backbone that the adapters of `adapters` share.
         weights: with `backbone`, its weight source as `fit --model.weights` took it; every adapter must record it.
         adapters: with `backbone`, the folder whose sub-folders (or symlinks to them) are the adapters.
-        input_size: with `backbone`, the input side the adapters were trained at (default: timm's for it).
         max_adapters: with `backbone`, the most adapters kept loaded per worker (least recently used evicted).
         max_adapter_mb: with `backbone`, larger adapter folders are refused.
 
@@ -446,7 +445,7 @@ def serve(
         from .serve_adapters import adapter_server_parts
 
         batching = (top_k, max_batch_size, batch_timeout_ms / 1000, threads)
-        parts = (backbone, weights, adapters, input_size, max_adapters, max_adapter_mb, *batching)
+        parts = (backbone, weights, adapters, max_adapters, max_adapter_mb, *batching)
         api, info, (gate_class, gate) = adapter_server_parts(*parts)
         what = f"{backbone} with the adapters of {adapters}; GET /adapters"
     else:

@@ -12,6 +12,7 @@ each in its own place. A replacement (a swapped symlink) is loaded between two b
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 import threading
@@ -282,11 +283,31 @@ class AdapterAPI(ls.LitAPI):
         return JSONResponse(body, headers={BATCH_HEADER: str(output["batch"])})
 
 
+def _recorded_preprocessing(adapters: str, backbone: str, max_bytes: int) -> dict | None:
+    """The preprocessing that the adapters of `backbone` in the folder record (None: none records one).
+
+    Raises:
+        VisionLoRAError: two kinds of preprocessing are recorded equally often, so neither is the folder's.
+    """
+    directory = AdapterDirectory(adapters, None, max_bytes)
+    directory.refresh()
+    specs = [e.spec for e in directory.entries.values() if e.spec is not None and e.spec.model_name == backbone]
+    counts = Counter(json.dumps(data_config_record(s.data_config)) for s in specs if s.data_config is not None)
+    if not counts:
+        return None
+    (top, n), *rest = counts.most_common()
+    if rest and rest[0][1] == n:
+        raise VisionLoRAError(
+            f"the adapters in {adapters} record different preprocessing ({top} and {rest[0][0]}), {n} each; one "
+            f"backbone serves one preprocessing: keep the adapters of one kind in the folder."
+        )
+    return json.loads(top)
+
+
 def adapter_server_parts(
     backbone: str,
     weights: str,
     adapters: str,
-    input_size: int | None,
     max_adapters: int | None,
     max_adapter_mb: float,
     top_k: int,
@@ -295,7 +316,8 @@ def adapter_server_parts(
     threads: int | None,
 ) -> tuple[AdapterAPI, dict, tuple]:
     """(the LitAPI, the `GET /info` metadata, the gate middleware) of a multi-adapter server, checked in this process
-    before any worker starts.
+    before any worker starts. The preprocessing served is the one most adapters of the folder record (the others
+    are refused, with the difference), else timm's for the backbone.
 
     Raises:
         VisionLoRAError: no adapters folder, a bad limit, or a backbone / weight source that cannot be loaded.
@@ -308,8 +330,8 @@ def adapter_server_parts(
         raise VisionLoRAError(f"--max_adapters must be at least 1, got {max_adapters}.")
     if max_adapter_mb <= 0:
         raise VisionLoRAError(f"--max_adapter_mb must be positive, got {max_adapter_mb}.")
-    _, spec = resolve_backbone(backbone, weights, input_size)
     max_bytes = int(max_adapter_mb * 1e6)
+    _, spec = resolve_backbone(backbone, weights, data_config=_recorded_preprocessing(adapters, backbone, max_bytes))
     api = AdapterAPI(spec, adapters, max_bytes, max_adapters, top_k, max_batch_size, batch_timeout, threads)
     weights_shown = os.path.basename(weights) if os.path.isfile(weights) else weights  # never a path
     info = {
