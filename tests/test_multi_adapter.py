@@ -80,6 +80,7 @@ def vit_adapters(tmp_path_factory, weights) -> dict[str, Path]:
         "lora": make_adapter(root, "lora", weights, num_classes=3, seed=1, r=2),
         "dora": make_adapter(root, "dora", weights, num_classes=5, seed=2, r=4, use_dora=True),
         "all_qkv": make_adapter(root, "all_qkv", weights, num_classes=2, seed=3, r=3, qkv_slices="qkv"),
+        "mlp": make_adapter(root, "mlp", weights, num_classes=3, seed=6, r=2, target_modules=["mlp.fc1"]),
         "peft": make_adapter(root, "peft", weights, num_classes=4, seed=4, r=2, format="peft"),
         "peft_dora": make_adapter(root, "peft_dora", weights, num_classes=3, seed=5, r=8, use_dora=True, format="peft"),
     }
@@ -90,7 +91,7 @@ def test_each_row_of_a_mixed_batch_gets_its_adapters_merged_logits(vit_adapters,
     for name, directory in vit_adapters.items():
         multi.add_adapter(name, directory)
     names = list(vit_adapters)
-    rows = [names[i % len(names)] for i in (0, 1, 2, 3, 4, 4, 0, 2, 1, 3, 0)]  # interleaved, uneven counts
+    rows = [names[i % len(names)] for i in (0, 1, 2, 3, 4, 5, 4, 0, 2, 1, 3, 0)]  # interleaved, uneven counts
     x = torch.randn(len(rows), 3, 160, 160, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         got = multi(x, rows)

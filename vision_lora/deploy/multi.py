@@ -40,6 +40,17 @@ class _Route:
         self.batch = 0
         self.segments: list[tuple[str, int, int]] = []
         self.missed: set[str] = set()  # routed modules with an active adapter that the forward did not call
+        self._index: dict[int, Tensor] = {}
+
+    def start(self, batch: int, segments: list[tuple[str, int, int]]) -> None:
+        self.batch, self.segments, self._index = batch, segments, {}
+
+    def index(self, per_row: int) -> Tensor:
+        """(batch · per_row,) the position in `segments` of each row's adapter."""
+        if per_row not in self._index:
+            counts = torch.tensor([(e - s) * per_row for _, s, e in self.segments])
+            self._index[per_row] = torch.repeat_interleave(torch.arange(len(self.segments)), counts)
+        return self._index[per_row]
 
 
 @dataclass
@@ -53,6 +64,7 @@ class _Update:
     a: Tensor
     b: Tensor | list[tuple[slice | Tensor, Tensor]]
     c: Tensor | None
+    pointwise: bool = False  # a 1x1 conv with stride 1 and no padding: A (k, in) and B (out, k) as matmuls
 
 
 def _rows_index(rows: Tensor) -> slice | Tensor:
@@ -70,8 +82,10 @@ def _update_of(layer: LoRALayer) -> _Update:
             slices = zip(layer.slices, b_all, strict=True)
             b = [(_rows_index(layer.layout.rows(s)), bj * layer.scaling) for s, bj in slices]
             return _Update(layer.lora_A.detach().reshape(-1, layer.lora_A.shape[-1]).clone(), b, c)
-        a = layer.lora_A.detach().clone()
-        return _Update(a, layer.lora_B.detach() * layer.scaling, c)
+        a, b = layer.lora_A.detach().clone(), layer.lora_B.detach() * layer.scaling
+        if getattr(layer, "_pointwise", False):  # tiny convs per adapter cost more to set up than to run
+            return _Update(a.flatten(1), b.flatten(1), c, pointwise=True)
+        return _Update(a, b, c)
 
 
 class _RoutedLayer(nn.Module):
@@ -82,6 +96,7 @@ class _RoutedLayer(nn.Module):
         self.base_layer = base_layer
         self.updates: dict[str, _Update] = {}
         self._name, self._route = name, route
+        self._cache: tuple[list, tuple] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -93,6 +108,9 @@ class _RoutedLayer(nn.Module):
         return self.base_layer.bias
 
     def _delta(self, x: Tensor, u: _Update) -> Tensor:
+        if u.pointwise:
+            n, _, height, width = x.shape
+            return (u.b @ (u.a @ x.flatten(2))).view(n, -1, height, width)  # (k, in) @ (n, in, HW) -> (n, out, H, W)
         if u.a.dim() == 4:  # conv: A with the base conv's geometry, then B as a 1x1 conv
             base = self.base_layer
             if isinstance(base, Conv2dSame):
@@ -106,31 +124,96 @@ class _RoutedLayer(nn.Module):
         route = self._route
         out = self.base_layer(x)  # the frozen path, once for the whole batch
         per_row = x.shape[0] // route.batch  # > 1 where rows were split into windows (Swin) or tokens
-        for adapter, start, stop in route.segments:
-            u = self.updates.get(adapter)
+        active = [(s * per_row, e * per_row, self.updates.get(a)) for a, s, e in route.segments]
+        present = [(s, e, u) for s, e, u in active if u is not None]
+        if not present:
+            return out
+        route.missed.discard(self._name)
+        if len(present) > 1 and all(u.a.dim() == 2 for _, _, u in present) and out.is_contiguous():
+            self._stacked(x, out, [u for _, _, u in active], per_row)
+            return out
+        for start, stop, u in present:
+            self._segment(x[start:stop], out[start:stop], u)
+        return out
+
+    def _segment(self, xs: Tensor, ys: Tensor, u: _Update) -> None:
+        """One adapter's update added to its rows `ys` (a view of the output) in place."""
+        conv = ys.dim() == 4
+        bias = self.base_layer.bias
+        if bias is not None and conv:
+            bias = bias.view(-1, 1, 1)
+        if u.c is not None and bias is not None:  # DoRA rescales W x + s·B A x, not the bias
+            ys.sub_(bias)
+        if isinstance(u.b, list):  # per-slice qkv LoRA: each slice's B on its own output rows
+            h = F.linear(xs, u.a)  # (..., S·r)
+            r = u.b[0][1].shape[1]
+            for j, (rows, bj) in enumerate(u.b):
+                delta = F.linear(h[..., j * r : (j + 1) * r], bj)  # (..., d_j)
+                if isinstance(rows, slice):
+                    ys[..., rows] += delta
+                else:
+                    ys.index_add_(ys.dim() - 1, rows, delta)
+        else:
+            ys += self._delta(xs, u)
+        if u.c is not None:
+            ys.mul_(u.c.view(-1, 1, 1) if conv else u.c)
+            if bias is not None:
+                ys.add_(bias)
+
+    def _stack(self, updates: list[_Update | None]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A (G, k, in), B (G, out, k) and DoRA's c (G, out) of the batch's adapters, ranks zero-padded to the largest
+        (an adapter without this layer: zeros, c = 1); kept for the next batch of the same adapters."""
+        cached = self._cache
+        same = cached is not None and len(cached[0]) == len(updates)
+        if same and all(a is b for a, b in zip(cached[0], updates, strict=True)):
+            return cached[1]
+        w = self.base_layer.weight
+        out_f, in_f = w.shape[0], w[0].numel()
+        k = max(u.a.shape[0] for u in updates if u is not None)
+        a_all = w.new_zeros(len(updates), k, in_f)
+        b_all = w.new_zeros(len(updates), out_f, k)
+        dora = any(u is not None and u.c is not None for u in updates)
+        c_all = w.new_ones(len(updates), out_f) if dora else None
+        for g, u in enumerate(updates):
             if u is None:
                 continue
-            route.missed.discard(self._name)
-            xs, ys = x[start * per_row : stop * per_row], out[start * per_row : stop * per_row]
-            conv = u.a.dim() == 4
-            if u.c is not None and self.base_layer.bias is not None:  # DoRA rescales W x + s·B A x, not the bias
-                ys.sub_(self.base_layer.bias.view(-1, 1, 1) if conv else self.base_layer.bias)
-            if isinstance(u.b, list):  # per-slice qkv LoRA: each slice's B on its own output rows
-                h = F.linear(xs, u.a)  # (..., S·r)
+            a_all[g, : u.a.shape[0]] = u.a
+            if isinstance(u.b, list):  # per-slice qkv: B_j into its rows and its r columns of the stacked B
                 r = u.b[0][1].shape[1]
                 for j, (rows, bj) in enumerate(u.b):
-                    delta = F.linear(h[..., j * r : (j + 1) * r], bj)  # (..., d_j)
-                    if isinstance(rows, slice):
-                        ys[..., rows] += delta
-                    else:
-                        ys.index_add_(ys.dim() - 1, rows, delta)
+                    b_all[g, rows, j * r : (j + 1) * r] = bj
             else:
-                ys += self._delta(xs, u)
+                b_all[g, :, : u.b.shape[1]] = u.b
             if u.c is not None:
-                ys.mul_(u.c.view(-1, 1, 1) if conv else u.c)
-                if self.base_layer.bias is not None:
-                    ys.add_(self.base_layer.bias.view(-1, 1, 1) if conv else self.base_layer.bias)
-        return out
+                c_all[g] = u.c
+        self._cache = (list(updates), (a_all, b_all, c_all))
+        return a_all, b_all, c_all
+
+    def _stacked(self, x: Tensor, out: Tensor, updates: list[_Update | None], per_row: int) -> None:
+        """Every adapter's update in a few batched matmuls: each row multiplied by its own adapter's A and B."""
+        a_all, b_all, c_all = self._stack(updates)
+        index = self._route.index(per_row)  # (R,) the adapter of each row
+        a_rows, b_rows = a_all[index], b_all[index]  # (R, k, in), (R, out, k)
+        rows, bias = x.shape[0], self.base_layer.bias
+        if out.dim() == 4:  # pointwise conv: channels are the features
+            delta = b_rows @ (a_rows @ x.flatten(2))  # (R, k, in) @ (R, in, HW) -> (R, out, HW)
+            y = out.view(rows, out.shape[1], -1)  # (R, out, HW)
+            c = c_all[index][:, :, None] if c_all is not None else None  # (R, out, 1)
+            bias = bias[:, None] if bias is not None else None
+        else:
+            h = x.reshape(rows, -1, x.shape[-1]) @ a_rows.transpose(1, 2)  # (R, T, in) @ (R, in, k) -> (R, T, k)
+            delta = h @ b_rows.transpose(1, 2)  # (R, T, out)
+            y = out.view(rows, -1, out.shape[-1])  # (R, T, out)
+            c = c_all[index][:, None, :] if c_all is not None else None  # (R, 1, out)
+        if c is None:
+            y += delta
+            return
+        if bias is not None:
+            y -= bias
+        y += delta
+        y *= c
+        if bias is not None:
+            y += bias
 
 
 class _RoutedHead(nn.Module):
@@ -273,6 +356,7 @@ class MultiAdapterModel(nn.Module):
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         for layer in self._routed.values():
             layer.updates.pop(name, None)
+            layer._cache = None  # it may hold the adapter's tensors
         self._head.heads.pop(name)
         del self.adapters[name]
 
@@ -298,11 +382,11 @@ class MultiAdapterModel(nn.Module):
             order.setdefault(a, []).append(i)
         perm = [i for rows in order.values() for i in rows]
         grouped = x if perm == list(range(n)) else x[perm]
-        route, start = self._route, 0
-        route.batch, route.segments = n, []
+        route, start, segments = self._route, 0, []
         for a, rows in order.items():
-            route.segments.append((a, start, start + len(rows)))
+            segments.append((a, start, start + len(rows)))
             start += len(rows)
+        route.start(n, segments)
         route.missed = {m for m, layer in self._routed.items() if set(layer.updates) & set(order)}
         logits = self.model(grouped)  # (N, C_max), rows grouped by adapter
         if route.missed:
