@@ -118,12 +118,14 @@ def test_conv_adapters_on_a_batchnorm_backbone(tmp_path):
     for name, directory in adapters.items():
         multi.add_adapter(name, directory)
     rows = ["conv_dora", "conv", "conv_peft", "conv", "conv_dora"]
+    same_rank = ["conv_peft", "conv", "conv", "conv_peft", "conv_peft"]  # LoRA of one rank: stacked without padding
     x = torch.randn(len(rows), 3, 160, 160, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        got = multi(x, rows)
+        got, got_same_rank = multi(x, rows), multi(x, same_rank)
     for name, directory in adapters.items():
         want = merged_logits(directory, x, "test_resnet", weights)
         assert all(_rel(got[i], want[i]) < 1e-4 for i, n in enumerate(rows) if n == name), name
+        assert all(_rel(got_same_rank[i], want[i]) < 1e-4 for i, n in enumerate(same_rank) if n == name), name
 
 
 def test_replace_remove_and_refusals_leave_the_served_adapters_unchanged(vit_adapters, weights, tmp_path):

@@ -170,6 +170,11 @@ class _RoutedLayer(nn.Module):
         w = self.base_layer.weight
         out_f, in_f = w.shape[0], w[0].numel()
         k = max(u.a.shape[0] for u in updates if u is not None)
+        plain = all(u is not None and u.c is None and not isinstance(u.b, list) for u in updates)
+        if plain and all(u.a.shape[0] == k for u in updates):  # the common case: one copy each, no padding
+            stacked = (torch.stack([u.a for u in updates]), torch.stack([u.b for u in updates]), None)
+            self._cache = (list(updates), stacked)
+            return stacked
         a_all = w.new_zeros(len(updates), k, in_f)
         b_all = w.new_zeros(len(updates), out_f, k)
         dora = any(u is not None and u.c is not None for u in updates)
@@ -378,8 +383,9 @@ class MultiAdapterModel(nn.Module):
         if unknown:
             raise KeyError(f"adapters not loaded: {unknown}; loaded: {sorted(self.adapters)}")
         order: dict[str, list[int]] = {}
-        for i, a in enumerate(adapter_names):
-            order.setdefault(a, []).append(i)
+        # Grouped by name, so that the same adapters come in the same order (`_RoutedLayer._stack` reuses its stack).
+        for i in sorted(range(n), key=adapter_names.__getitem__):
+            order.setdefault(adapter_names[i], []).append(i)
         perm = [i for rows in order.values() for i in rows]
         grouped = x if perm == list(range(n)) else x[perm]
         route, start, segments = self._route, 0, []
