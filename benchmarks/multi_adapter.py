@@ -12,7 +12,9 @@
 3. throughput (Python API, in this process): batch 16 spread over 8 ViT-S r=8 adapters (2 rows each, interleaved)
    against one merged model at batch 16, 224 px, and PEFT's `adapter_names` on the same batch: `--rounds`
    interleaved rounds, each a timed forward of each; the median of the per-round ratios.
-4. load + reload: `--requests` POSTs from 16 client threads over 8 quickstart-size adapters while 4 are added (time
+4. reload: on an idle server with 8 adapters, the seconds from an adapter folder's rename into DIR to its first
+   answer, for 4 adapters in turn.
+5. load: `--requests` POSTs from 16 client threads over 8 quickstart-size adapters while 4 are added (time
    from the folder's rename to its first answer: the reload latency), 2 replaced by a symlink swap and 2 removed.
    Every answer is checked: status 200 with the label of the version (content hash) it names, or 404 for a removed
    adapter; anything else (5xx, a dropped connection, a wrong label, another 404) is an error.
@@ -358,9 +360,32 @@ def load(work: Path, images: list[tuple[str, bytes]], requests: int, concurrency
     }
 
 
+def reload(work: Path, images: list[tuple[str, bytes]], adds: int = 4) -> dict:
+    """An idle server with 8 adapters: seconds from an adapter folder's rename into DIR to its first answer."""
+    live, store = work / "reload", work / "reload_store"
+    for i in range(8):
+        lite0_adapter(live / f"r{i}", i)
+    for i in range(adds):
+        lite0_adapter(store / f"x{i}", 20 + i)
+    latencies = []
+    args = ["--backbone", LITE0["backbone"], "--weights", "offline", "--adapters", str(live)]
+    with server(*args, log=work / "reload.log") as (port, _):
+        for i in range(8):
+            assert post(port, images[0][1], f"r{i}")[0] == 200
+        for i in range(adds):
+            time.sleep(1.5)  # a new poll period
+            start = time.monotonic()
+            (store / f"x{i}").rename(live / f"x{i}")
+            while post(port, images[0][1], f"x{i}")[0] != 200:
+                assert time.monotonic() - start < 60
+                time.sleep(0.1)
+            latencies.append(round(time.monotonic() - start, 2))
+    return {"adds": adds, "latency_s": latencies, "max_latency_s": max(latencies)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="answers,memory,throughput,load")
+    parser.add_argument("--sections", default="answers,memory,throughput,reload,load")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -388,6 +413,8 @@ def main() -> None:
                 results[section] = throughput(work, vit_weights, args.rounds)
             elif section == "load":
                 results[section] = load(work, images, args.requests, args.concurrency)
+            elif section == "reload":
+                results[section] = reload(work, images)
             results[section]["section_seconds"] = round(time.monotonic() - start, 1)
             print(json.dumps({section: results[section]}, indent=2), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
