@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 import psutil
@@ -394,7 +395,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/multi_adapter.json"))
     args = parser.parse_args()
     sections = args.sections.split(",")
-    results = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(threads=torch.get_num_threads())}
+    results = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv])}
+    results["machine"] = machine_info(threads=torch.get_num_threads())
     images = digits(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

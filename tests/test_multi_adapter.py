@@ -151,6 +151,11 @@ def test_replace_remove_and_refusals_leave_the_served_adapters_unchanged(vit_ada
     for reason, directory in refused.items():
         with pytest.raises(ValueError, match=reason):
             multi.add_adapter("a", directory)
+    follower = MultiAdapterModel("test_vit", weights=str(weights))  # no preprocessing given: the first adapter's
+    follower.add_adapter("small", refused["preprocessing differs"])
+    assert follower.data_config["input_size"] == (3, 64, 64)
+    with pytest.raises(ValueError, match="preprocessing differs"):
+        follower.add_adapter("a", vit_adapters["lora"])
     with pytest.raises(ValueError, match="adapter names are"):
         multi.add_adapter("../a", vit_adapters["dora"])
     with pytest.raises(ValueError, match="over the cap"):

@@ -261,7 +261,8 @@ class MultiAdapterModel(nn.Module):
     Args:
         backbone: the timm model name, e.g. "vit_small_patch16_224".
         weights: its weight source (see `create_backbone`); each adapter must record the same.
-        data_config: the preprocessing served; None: the backbone's timm data config with `input_size`.
+        data_config: the preprocessing served; None: the backbone's timm data config with `input_size`, or when
+            neither is given, the preprocessing the first adapter added records (`data_config` then follows it).
         input_size: the input side when `data_config` is None (None: timm's).
 
     Example:
@@ -280,6 +281,7 @@ class MultiAdapterModel(nn.Module):
         super().__init__()
         model, self.spec = resolve_backbone(backbone, weights, input_size, data_config)
         self.name, self.data_config = backbone, self.spec.data_config
+        self._follow_first = data_config is None and input_size is None
         self._plain = [model]  # the unrouted model, kept out of the module tree: adapters are loaded onto copies of it
         self._shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         self._heads = classifier_names(model)
@@ -313,6 +315,9 @@ class MultiAdapterModel(nn.Module):
         """
         check_name(name)
         spec = inspect_adapter(directory, max_bytes)
+        if self._follow_first and not self.adapters and spec.data_config is not None:
+            self.spec = BackboneSpec(self.spec.name, self.spec.weights, spec.data_config)
+            self.data_config = spec.data_config
         check_compatible(spec, self.spec)
         plain = self._plain[0]
         # A copy of the structure whose frozen tensors are the backbone's own; only its head is new.
