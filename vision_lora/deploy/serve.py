@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty
 
 import litserve as ls
 import numpy as np
@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from ..data.decode import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
 from ..errors import VisionLoRAError
 from ..preprocess import DATA_CONFIG_KEYS, data_config_record, eval_stages
+from .batching import batched_loop
 from .onnx import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
 __all__ = ["ClassifierAPI", "RequestGate", "ServedModel", "describe_model", "serve"]
@@ -118,10 +119,25 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
         **data_config_record(config),
         "precision": precision,
         "quantization": config.get("quantization"),
-        "source": source.onnx or source.openvino or source.ckpt_path or source.adapter,
+        # A name and a content hash, never a file-system path.
+        "source": Path(source.onnx or source.openvino or source.ckpt_path or source.adapter).name,
+        "sha256": content_hash(source.onnx or source.openvino or source.ckpt_path or source.adapter),
         "version": version,
     }
     return source
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the SHA-256 of a file (an OpenVINO .xml with its .bin) or of a folder's files."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path, path.with_suffix(".bin")]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.is_file() and (file == path or path.is_dir() or path.suffix == ".xml"):
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class _Rejected(Exception):
@@ -149,18 +165,21 @@ class RequestGate:
         self.max_pixels = max_pixels
         self.api_path = api_path
 
+    fields: tuple[str, ...] = ()  # form fields / JSON keys besides "image" handed to `_accept`
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != self.api_path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
             body = await self._read_body(scope, receive)
-            data = await self._image_bytes(scope, body)
+            data, extra = await self._image_bytes(scope, body)
+            extra = self._accept(extra)
             pixels = await asyncio.to_thread(self._preprocess, data)
         except _Rejected as err:
             await JSONResponse({"detail": err.detail}, status_code=err.status)(scope, receive, send)
             return
-        payload = json.dumps({_PIXELS: base64.b64encode(pixels.tobytes()).decode("ascii")}).encode()
+        payload = json.dumps({_PIXELS: base64.b64encode(pixels.tobytes()).decode("ascii"), **extra}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await self.app({**scope, "headers": headers}, _replay(payload, receive), send)
@@ -183,8 +202,13 @@ class RequestGate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _image_bytes(self, scope, body: bytes) -> bytes:
-        """The image of a multipart form (field "image"), a JSON object {"image": base64}, or a raw image body."""
+    def _accept(self, extra: dict) -> dict:
+        """Check the `fields` a request sent (raise `_Rejected`); returns what the worker gets besides the pixels."""
+        return {}
+
+    async def _image_bytes(self, scope, body: bytes) -> tuple[bytes, dict]:
+        """(image, {field: value} of `fields`) of a multipart form (field "image"), a JSON object {"image": base64},
+        or a raw image body."""
         if not body:
             raise _Rejected(400, "empty body: send the image as multipart field 'image' or JSON {\"image\": base64}")
         content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
@@ -198,12 +222,14 @@ class RequestGate:
                 image = form.get("image")
                 if image is None:
                     raise _Rejected(400, "the multipart body has no field 'image'")
-                return await image.read() if hasattr(image, "read") else image.encode()
+                extra = {k: form[k] for k in self.fields if isinstance(form.get(k), str)}
+                return (await image.read() if hasattr(image, "read") else image.encode()), extra
             finally:
                 await form.close()
         if content_type.startswith("application/json"):
             try:
-                value = json.loads(body)["image"]
+                obj = json.loads(body)
+                value, extra = obj["image"], {k: obj[k] for k in self.fields if k in obj}
                 if not isinstance(value, str):
                     raise TypeError
             except (ValueError, KeyError, TypeError):
@@ -211,10 +237,10 @@ class RequestGate:
             if value.startswith("data:") and "," in value:  # a data URL
                 value = value.split(",", 1)[1]
             try:
-                return base64.b64decode(value, validate=True)
+                return base64.b64decode(value, validate=True), extra
             except (binascii.Error, ValueError):
                 raise _Rejected(400, "the 'image' value is not valid base64") from None
-        return body
+        return body, {}
 
     def _preprocess(self, data: bytes) -> np.ndarray:
         try:
@@ -242,49 +268,6 @@ def _replay(body: bytes, receive):
     return replay
 
 
-class _FirstThen:
-    """A queue that hands out `first`, then what `queue` holds (the `get` / `get_nowait` that LitServe's collation
-    uses)."""
-
-    def __init__(self, first, queue) -> None:
-        self.first, self.queue = [first], queue
-
-    def get(self, block: bool = True, timeout: float | None = None):
-        return self.first.pop() if self.first else self.queue.get(block, timeout)
-
-    def get_nowait(self):
-        return self.get(False)
-
-
-try:  # LitServe's batched loop and its collation, to wait instead of polling (`WaitingBatchedLoop`)
-    from litserve.loops.base import collate_requests
-    from litserve.loops.simple_loops import BatchedLoop
-except ImportError:  # another LitServe layout: its own loop is used
-    BatchedLoop = None
-
-if BatchedLoop is not None:
-
-    class WaitingBatchedLoop(BatchedLoop):
-        """LitServe's batched loop, except that an idle worker waits in a blocking `get` for the first request of a
-        batch.
-
-        LitServe's own loop polls its queue every millisecond while no request is there, which keeps taking CPU from
-        the HTTP process on a small machine (docs/deployment.md, "Batching"). The batch window (`batch_timeout`) starts
-        when the first request arrives, as before.
-        """
-
-        def get_batch_requests(self, lit_api, request_queue, transport):
-            try:
-                first = request_queue.get(timeout=1.0)
-            except Empty:
-                return [], []
-            return collate_requests(self, lit_api, _FirstThen(first, request_queue), transport)
-
-
-def _batched_loop(max_batch_size: int):
-    return WaitingBatchedLoop() if BatchedLoop is not None and max_batch_size > 1 else "auto"
-
-
 class ClassifierAPI(ls.LitAPI):
     """The inference worker: preprocessed images in, top-k classes out, batched by LitServe.
 
@@ -306,7 +289,7 @@ class ClassifierAPI(ls.LitAPI):
         threads: int | None = None,
         ov_precision: str = "f32",
     ):
-        loop = _batched_loop(max_batch_size)
+        loop = batched_loop(max_batch_size)
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop)
         self.served = served
         self.threads = threads
@@ -406,9 +389,19 @@ def serve(
     max_pixels: float = DEFAULT_MAX_PIXELS,
     max_body_mb: float = 20.0,
     ov_precision: str = "f32",
+    backbone: str | None = None,
+    weights: str = "pretrained",
+    adapters: str | None = None,
+    max_adapters: int | None = None,
+    max_adapter_mb: float = 64.0,
 ) -> None:
     """Serve a classifier over HTTP until SIGTERM or Ctrl-C: `POST /predict` (multipart field "image", or JSON
     {"image": base64}) answers {"predictions": [{"label", "index", "score"}, ...]}; `GET /health`; `GET /info`.
+
+    With `--backbone NAME --adapters DIR`, many classifiers share one backbone (docs/multi-adapter.md): each request
+    names its adapter (field / key "adapter"; "logits": true adds the raw logits), answers name the adapter and its
+    content hash, `GET /adapters` lists them, and DIR is re-read every second. The preprocessing served is the one
+    the adapters in DIR record.
 
     Args:
         model: an .onnx file written by `vision-lora export` (fp32, fp16 or int8), served with onnxruntime, or an
@@ -425,6 +418,11 @@ def serve(
         max_body_mb: larger request bodies are refused (413).
         ov_precision: for an OpenVINO IR, its inference precision: "f32" (what the export was verified at), "bf16",
             or "default" (OpenVINO's choice for this CPU, bf16 where the CPU has it; faster, less exact).
+        backbone: instead of a model source, the timm backbone that the adapters of `adapters` share.
+        weights: with `backbone`, its weight source as `fit --model.weights` took it; every adapter must record it.
+        adapters: with `backbone`, the folder whose sub-folders (or symlinks to them) are the adapters.
+        max_adapters: with `backbone`, the most adapters kept loaded per worker (least recently used evicted).
+        max_adapter_mb: with `backbone`, larger adapter folders are refused.
 
     Raises:
         VisionLoRAError: a bad option or model source, found before any worker starts.
@@ -438,25 +436,38 @@ def serve(
             raise VisionLoRAError(f"--{name} must be at least 1, got {value}.")
     if batch_timeout_ms < 0 or max_pixels < 1 or max_body_mb <= 0:
         raise VisionLoRAError("--batch_timeout_ms must be >= 0, --max_pixels and --max_body_mb positive.")
-    served = describe_model(model, ckpt_path, adapter)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None  # workers share the cores
-    if ov_precision not in ("f32", "bf16", "f16", "default"):
-        raise VisionLoRAError(f"--ov_precision must be f32, bf16, f16 or default, got {ov_precision!r}.")
-    api = ClassifierAPI(served, top_k, max_batch_size, batch_timeout_ms / 1000, threads, ov_precision)
+    if (backbone is None) != (adapters is None):
+        raise VisionLoRAError("--backbone and --adapters go together: the backbone the adapters of DIR share.")
+    if backbone is not None:
+        if any(s is not None for s in (model, ckpt_path, adapter)):
+            raise VisionLoRAError("serve takes --backbone with --adapters, or one of --model, --ckpt_path, --adapter.")
+        from .serve_adapters import adapter_server_parts
+
+        batching = (top_k, max_batch_size, batch_timeout_ms / 1000, threads)
+        parts = (backbone, weights, adapters, max_adapters, max_adapter_mb, *batching)
+        api, info, (gate_class, gate) = adapter_server_parts(*parts)
+        what = f"{backbone} with the adapters of {adapters}; GET /adapters"
+    else:
+        served = describe_model(model, ckpt_path, adapter)
+        if ov_precision not in ("f32", "bf16", "f16", "default"):
+            raise VisionLoRAError(f"--ov_precision must be f32, bf16, f16 or default, got {ov_precision!r}.")
+        api = ClassifierAPI(served, top_k, max_batch_size, batch_timeout_ms / 1000, threads, ov_precision)
+        info, gate_class, gate = served.info, RequestGate, {"data_config": served.data_config}
+        what = f"{info['name']} ({info['precision']}, {info['num_classes']} classes) from {info['source']}"
     limits = {"max_batch_size": max_batch_size, "batch_timeout_ms": batch_timeout_ms, "top_k": api.top_k}
     limits |= {"max_pixels": int(max_pixels), "max_body_mb": max_body_mb, "workers": workers}
-    gate = {"data_config": served.data_config, "max_body_bytes": int(max_body_mb * 1e6), "max_pixels": int(max_pixels)}
+    gate |= {"max_body_bytes": int(max_body_mb * 1e6), "max_pixels": int(max_pixels)}
     server = ls.LitServer(
         api,
         accelerator="cpu",
         devices=1,
         workers_per_device=workers,
-        model_metadata={**served.info, **limits},
-        middlewares=[(RequestGate, gate)],
+        model_metadata={**info, **limits},
+        middlewares=[(gate_class, gate)],
     )
     print(
-        f"vision-lora serve: {served.info['name']} ({served.info['precision']}, {served.info['num_classes']} classes) "
-        f"from {served.info['source']} on http://{host}:{port}  POST {API_PATH}, GET /health, GET /info",
+        f"vision-lora serve: {what} on http://{host}:{port}  POST {API_PATH}, GET /health, GET /info",
         file=sys.stderr,
         flush=True,
     )
