@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import timm
@@ -24,10 +24,19 @@ from ..preemption import leave_sigterm_to_main
 from ..recipe import AUGMENTS
 from .decode import ImagePipeline
 from .folder import FolderSource, image_files
-from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
+from .labels import LabelFileSource
+from .samples import (
+    BadSample,
+    BalancedEpochSampler,
+    CollatedBatch,
+    EpochSampler,
+    ImageFileDataset,
+    SkipBadCollate,
+    class_balanced_weights,
+)
 from .streaming import is_optimized, read_info, streaming_dataset
 
-__all__ = ["ImageFolderDataModule", "STAGES", "train_counts"]
+__all__ = ["ImageFolderDataModule", "STAGES", "train_counts", "train_counts_of"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         model_name: timm model whose preprocessing config is used when no model is attached (standalone use).
         preprocess: overrides of that config when no model is attached (keys of timm's data config: input_size,
             mean, std, interpolation, crop_pct, crop_mode). With a model attached, set them on the model.
+        labels: a label file (CSV `path,label[,split]` or JSONL `{"path": ..., "label": ..., "split": ...}`) whose
+            paths are relative to `root` (default: the file's folder); see docs/label-files.md.
+        task: "multiclass" (one class per image), "multilabel" (a set of classes per image, sigmoid outputs), or
+            "auto": multilabel when a JSONL label is a list (printed) or the optimized dataset is multi-label.
+            Linked into the model.
+        classes: the class list and order of a label file (default: the sorted union of its labels).
+        label_sep: separator of several classes in a CSV label cell (multilabel).
+        allow_outside_root: accept label-file paths that leave `root` (absolute, `../`, symlinks out).
+        sampler: training sampling: "shuffle" (each image once per epoch) or "balanced" (each class drawn equally
+            often, with replacement; single-label image folders and label files).
     """
 
     def __init__(
@@ -97,6 +116,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.05,
         model_name: str | None = None,
         preprocess: dict | None = None,
+        labels: str | None = None,
+        task: Literal["auto", "multiclass", "multilabel"] = "auto",
+        classes: list[str] | None = None,
+        label_sep: str = " ",
+        allow_outside_root: bool = False,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,21 +136,65 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._epoch_key: int | None = None  # shuffle key of the current image-folder epoch
         self._batches_done = 0  # training batches of the current epoch handed to the model
         self._train_loader: DataLoader | None = None
-        self.folder: FolderSource | None = None
+        self.folder: FolderSource | LabelFileSource | None = None
         self.info: dict[str, Any] | None = None  # of an optimized dataset
-        if root is None:
+        self._task = "multiclass" if task == "auto" else task
+        if labels is not None:
+            self.folder = LabelFileSource(
+                labels, root, task, classes, label_sep, allow_outside_root, val_fraction, seed
+            )
+            self._class_names, self._task = self.folder.class_names, self.folder.task
+            self.root = str(self.folder.root)
+        elif root is None:
             self._class_names = None
+            self._task = None if task == "auto" else task
         elif is_optimized(root):
             self.info = read_info(root)
             self._class_names = list(self.info["class_names"])
+            self._task = self.info.get("task", "multiclass") if task == "auto" else task
         else:
+            if task == "multilabel":
+                raise VisionLoRAError(
+                    "data.task multilabel needs a label file (data.labels), a Hugging Face dataset or an optimized "
+                    "multi-label dataset; an image folder has one class per image."
+                )
             self.folder = FolderSource(root, val_fraction, seed)
             self._class_names = self.folder.class_names
+        # Recorded resolved: Lightning refuses a run whose model and data record the same key with different values
+        # (and under LightningCLI `save_hyperparameters` records the given arguments, so both copies are set here).
+        self.hparams.task = self._hparams_initial["task"] = self._task
+        if sampler == "balanced" and self._task == "multilabel":
+            raise VisionLoRAError("data.sampler balanced is for single-label data; use model.class_weights auto.")
+        if sampler == "balanced" and self.info is not None:
+            raise VisionLoRAError("data.sampler balanced needs an image folder or a label file, not streamed data.")
 
     @property
     def class_names(self) -> list[str] | None:
         """Class names in class-index order; None without `root`."""
         return list(self._class_names) if self._class_names is not None else None
+
+    @property
+    def task(self) -> str | None:
+        """ "multiclass" or "multilabel"; None without `root` (predict: the checkpoint's)."""
+        return self._task
+
+    def train_class_counts(self) -> list[int]:
+        """Training images per class (positives per class for multilabel), for class weights.
+
+        Raises:
+            VisionLoRAError: the counts are not known here (an optimized dataset, or no data).
+        """
+        if self.folder is None:
+            raise VisionLoRAError("model.class_weights auto needs an image folder or a label file as data.")
+        targets = self.folder.samples("train")[1]
+        counts = [0] * len(self._class_names)
+        for target in targets:
+            if isinstance(target, int):
+                counts[target] += 1
+            else:
+                for i, value in enumerate(target):
+                    counts[i] += int(value > 0)
+        return counts
 
     @property
     def num_classes(self) -> int | None:
@@ -151,6 +220,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     @property
     def source(self) -> str:
         """ "folder", "optimized", or "none" (predict only)."""
+        if isinstance(self.folder, LabelFileSource):
+            return "labels"
         return "folder" if self.folder is not None else "optimized" if self.info is not None else "none"
 
     # -- preprocessing -------------------------------------------------------------------------------------------
@@ -237,7 +308,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.resolve_data_config()
         if self.root is None and stage != "predict":
             raise VisionLoRAError(
-                f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, or an "
+                f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, a label file's "
+                "folder, or an "
                 "optimized dataset."
             )
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
@@ -296,7 +368,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 loader.load_state_dict(self._restored.pop("train_loader"))
             return loader
         world, rank = self._ranks()
-        if split == "train":
+        if split == "train" and hp.sampler == "balanced":
+            weights = class_balanced_weights(self.folder.samples("train")[1])
+            sampler = BalancedEpochSampler(dataset, weights, hp.seed, self._epoch_start, num_replicas=world, rank=rank)
+        elif split == "train":
             sampler = EpochSampler(dataset, hp.seed, self._epoch_start, num_replicas=world, rank=rank)
         elif world > 1:  # every sample exactly once across ranks, where Lightning's sampler would pad
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
@@ -418,6 +493,16 @@ def _check_arguments(hp: Mapping[str, Any]) -> None:
             timm.get_pretrained_cfg(hp["model_name"])
         except RuntimeError as err:  # a pretrained tag the architecture does not have
             raise VisionLoRAError(f"model_name '{hp['model_name']}': {err}") from err
+
+
+def train_counts_of(data: Mapping[str, Any]) -> tuple[int, int]:
+    """(training images, classes) of the data options of a run (`--data.*`: an image folder, an optimized dataset
+    or a label file), as the DataModule will split them."""
+    if data.get("labels"):
+        keys = ("labels", "root", "task", "classes", "label_sep", "allow_outside_root", "val_fraction", "seed")
+        source = LabelFileSource(**{k: data[k] for k in keys if k in data})
+        return len(source.samples("train")[0]), len(source.class_names)
+    return train_counts(data.get("root"), data.get("val_fraction", 0.15), data.get("seed", 0))
 
 
 def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
