@@ -76,7 +76,7 @@ def export(
         calib_split: the split of the data root (the checkpoint's, or --data.root) to calibrate on.
         calib_images: at most this many calibration images.
         min_agreement: the int8 file is not written when its top-1 agreement with float32 on the test split
-            (else val) is lower.
+            (else val) is lower; for a multi-label model, the share of images with the exact same label set.
         data: `--data.root`: the dataset whose images `--quantize int8` uses, when not the checkpoint's.
         runs_dir: where `--ckpt_path best` / `last` look for runs.
 
@@ -104,6 +104,8 @@ def export(
     images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
     int8 = dict(calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
     if format == "openvino":
+        if trained.task == "multilabel":
+            raise VisionLoRAError("--format openvino does not carry a multi-label model's thresholds yet; use onnx.")
         _export_openvino(trained, output, fp16, images, quantize, data.root if data is not None else None, int8)
         return
     fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output
@@ -115,6 +117,7 @@ def export(
         opset=opset,
         fp16=fp16,
         images=images,
+        thresholds=trained.thresholds,
     )
     rank_zero_info(str(report))
     if quantize:

@@ -44,8 +44,8 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
 
 
 def choose_thresholds(probs: Tensor, targets: Tensor) -> Tensor:
-    """Per class, the probability threshold (`prob >= t` is positive) with the best F1 on these samples;
-    `DEFAULT_THRESHOLD` for a class without a positive.
+    """Per class, the probability threshold (`prob >= t` is positive) with the best F1 on these samples, halfway
+    between the lowest score it calls positive and the next; `DEFAULT_THRESHOLD` for a class without a positive.
 
     Args:
         probs: (N, C) sigmoid probabilities.
@@ -60,7 +60,9 @@ def choose_thresholds(probs: Tensor, targets: Tensor) -> Tensor:
     k = torch.arange(1, len(probs) + 1, dtype=torch.float64).unsqueeze(1)  # (N, 1) predicted positives
     f1 = 2 * hits.cumsum(0) / (k + positives)  # (N, C) F1 when the top k are called positive
     best = f1.argmax(0)  # (C,)
-    chosen = ranked.gather(0, best.unsqueeze(0)).squeeze(0)  # (C,) the k-th score
+    # halfway between the last score called positive and the next one down: the same calls here, with a margin
+    below = torch.cat([ranked, torch.zeros_like(ranked[:1])])  # (N + 1, C), a score of 0 below the lowest
+    chosen = (below.gather(0, best.unsqueeze(0)) + below.gather(0, best.unsqueeze(0) + 1)).squeeze(0) / 2  # (C,)
     return torch.where(positives > 0, chosen, torch.full_like(chosen, DEFAULT_THRESHOLD)).float()
 
 
