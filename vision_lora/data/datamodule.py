@@ -23,7 +23,8 @@ from ..errors import VisionLoRAError
 from ..preemption import leave_sigterm_to_main
 from ..recipe import AUGMENTS
 from .decode import ImagePipeline
-from .folder import FolderSource, image_files
+from .folder import image_files
+from .hf import HFSource
 from .labels import LabelFileSource
 from .samples import (
     BadSample,
@@ -34,7 +35,8 @@ from .samples import (
     SkipBadCollate,
     class_balanced_weights,
 )
-from .streaming import is_optimized, read_info, streaming_dataset
+from .sources import open_source, train_counts, train_counts_of
+from .streaming import streaming_dataset
 
 __all__ = ["ImageFolderDataModule", "STAGES", "train_counts", "train_counts_of"]
 
@@ -90,6 +92,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         classes: the class list and order of a label file (default: the sorted union of its labels).
         label_sep: separator of several classes in a CSV label cell (multilabel).
         allow_outside_root: accept label-file paths that leave `root` (absolute, `../`, symlinks out).
+        hf: a Hugging Face dataset instead of `root`: a `save_to_disk` folder or a local `load_dataset` spec, read
+            offline (splits train / validation / test; needs the [hf] extra; docs/huggingface.md).
+        hf_image_column: its image column.
+        hf_label_column: its label column: a ClassLabel, a list of ClassLabel (multi-label) or class-name strings.
         sampler: training sampling: "shuffle" (each image once per epoch) or "balanced" (each class drawn equally
             often, with replacement; single-label image folders and label files).
     """
@@ -122,6 +128,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         label_sep: str = " ",
         allow_outside_root: bool = False,
         sampler: Literal["shuffle", "balanced"] = "shuffle",
+        hf: str | None = None,
+        hf_image_column: str = "image",
+        hf_label_column: str = "label",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -136,30 +145,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._epoch_key: int | None = None  # shuffle key of the current image-folder epoch
         self._batches_done = 0  # training batches of the current epoch handed to the model
         self._train_loader: DataLoader | None = None
-        self.folder: FolderSource | LabelFileSource | None = None
-        self.info: dict[str, Any] | None = None  # of an optimized dataset
-        self._task = "multiclass" if task == "auto" else task
-        if labels is not None:
-            self.folder = LabelFileSource(
-                labels, root, task, classes, label_sep, allow_outside_root, val_fraction, seed
-            )
-            self._class_names, self._task = self.folder.class_names, self.folder.task
+        self.folder, self.info, self._class_names, self._task = open_source(self.hparams)
+        if isinstance(self.folder, LabelFileSource):
             self.root = str(self.folder.root)
-        elif root is None:
-            self._class_names = None
-            self._task = None if task == "auto" else task
-        elif is_optimized(root):
-            self.info = read_info(root)
-            self._class_names = list(self.info["class_names"])
-            self._task = self.info.get("task", "multiclass") if task == "auto" else task
-        else:
-            if task == "multilabel":
-                raise VisionLoRAError(
-                    "data.task multilabel needs a label file (data.labels), a Hugging Face dataset or an optimized "
-                    "multi-label dataset; an image folder has one class per image."
-                )
-            self.folder = FolderSource(root, val_fraction, seed)
-            self._class_names = self.folder.class_names
         # Recorded resolved: Lightning refuses a run whose model and data record the same key with different values
         # (and under LightningCLI `save_hyperparameters` records the given arguments, so both copies are set here).
         self.hparams.task = self._hparams_initial["task"] = self._task
@@ -220,8 +208,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     @property
     def source(self) -> str:
         """ "folder", "optimized", or "none" (predict only)."""
-        if isinstance(self.folder, LabelFileSource):
-            return "labels"
+        if isinstance(self.folder, (LabelFileSource, HFSource)):
+            return "labels" if isinstance(self.folder, LabelFileSource) else "hf"
         return "folder" if self.folder is not None else "optimized" if self.info is not None else "none"
 
     # -- preprocessing -------------------------------------------------------------------------------------------
@@ -306,10 +294,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             VisionLoRAError: "predict" without `predict_dir`, or no `root` for the other stages.
         """
         self.resolve_data_config()
-        if self.root is None and stage != "predict":
+        if self.root is None and self.folder is None and stage != "predict":
             raise VisionLoRAError(
-                f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, a label file's "
-                "folder, or an "
+                f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, or an "
                 "optimized dataset."
             )
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
@@ -331,6 +318,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             if hp.predict_dir is None:
                 raise VisionLoRAError("Predicting needs data.predict_dir, a folder of images.")
             return ImageFileDataset(image_files(hp.predict_dir), None, pipeline, hp.bad_files)
+        if isinstance(self.folder, HFSource):
+            return self.folder.dataset(split, pipeline, hp.bad_files)
         if self.folder is not None:
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
         if not self.has_split(split):
@@ -493,22 +482,3 @@ def _check_arguments(hp: Mapping[str, Any]) -> None:
             timm.get_pretrained_cfg(hp["model_name"])
         except RuntimeError as err:  # a pretrained tag the architecture does not have
             raise VisionLoRAError(f"model_name '{hp['model_name']}': {err}") from err
-
-
-def train_counts_of(data: Mapping[str, Any]) -> tuple[int, int]:
-    """(training images, classes) of the data options of a run (`--data.*`: an image folder, an optimized dataset
-    or a label file), as the DataModule will split them."""
-    if data.get("labels"):
-        keys = ("labels", "root", "task", "classes", "label_sep", "allow_outside_root", "val_fraction", "seed")
-        source = LabelFileSource(**{k: data[k] for k in keys if k in data})
-        return len(source.samples("train")[0]), len(source.class_names)
-    return train_counts(data.get("root"), data.get("val_fraction", 0.15), data.get("seed", 0))
-
-
-def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
-    """(training images, classes) of an image folder or an optimized dataset, as the DataModule will split it."""
-    if is_optimized(root):
-        info = read_info(root)
-        return int(info["counts"].get("train", 0)), len(info["class_names"])
-    source = FolderSource(root, val_fraction, seed)
-    return len(source.samples("train")[0]), len(source.class_names)
