@@ -331,6 +331,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             seed=hp.seed,
             bad_files=hp.bad_files,
             drop_last=split == "train" and self._ranks()[0] > 1,  # equal steps on every rank; one rank keeps all
+            num_classes=self.num_classes if self._task == "multilabel" else None,
         )
 
     def _ranks(self) -> tuple[int, int]:

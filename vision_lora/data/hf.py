@@ -180,6 +180,20 @@ class HFSource:
             self._tables[split], self.image_column, self._targets[split], pipeline, bad_files, f"{self.spec}:{split}"
         )
 
+    def encoded_items(self, split: str) -> list[tuple[bytes, Any, str]]:
+        """(encoded image bytes, target, key) of each sample of `split`, for `vision-lora optimize`."""
+        dataset = self.dataset(split, pipeline=None, bad_files="skip")
+        items = []
+        for i in range(len(dataset)):
+            stored = dataset.table[i][self.image_column]
+            raw = stored.get("bytes") or Path(stored["path"]).read_bytes()
+            items.append((raw, dataset.targets[i], stored.get("path") or f"{split}[{i}]"))
+        return items
+
+    def fingerprint(self, split: str) -> str:
+        """The library's fingerprint of the split's table (changes with its content)."""
+        return str(getattr(self._tables[split], "_fingerprint", ""))
+
     def split_settings(self) -> dict:
         """What decides the splits beyond the dataset (the held-out fraction and seed, where used)."""
         return {"val_fraction": self.val_fraction, "split_seed": self.seed} if self.val_from_train else {}
