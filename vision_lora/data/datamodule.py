@@ -278,6 +278,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         if "train" in self.datasets:
             self.datasets["train"] = self._dataset("train")
 
+    def use_sampler(self, sampler: str) -> None:
+        """Train with `sampler` ("shuffle" or "balanced") from the next training dataloader on (the recipe screen's
+        imbalance candidates, see `vision_lora.multilabel.imbalance_candidates`)."""
+        if sampler not in ("shuffle", "balanced"):
+            raise VisionLoRAError(f"sampler must be 'shuffle' or 'balanced', not {sampler!r}.")
+        if sampler == "balanced" and (self._task == "multilabel" or self.folder is None):
+            raise VisionLoRAError("data.sampler balanced needs single-label data from an image folder or label file.")
+        self.hparams.sampler = sampler
+
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
         """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
         and `vision-lora serve` use too): resize, center crop by `crop_pct`, normalise."""
