@@ -114,7 +114,7 @@ def _fit_and_test(args: list[str], work: Path, name: str) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k.startswith("test_") and v}
 
 
-def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int) -> None:
+def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only: list[str] | None) -> None:
     if kind == "multilabel":
         source = [f"--data.labels={data / 'mosaics' / 'labels.jsonl'}", f"--data.root={data / 'mosaics'}"]
         variants = {"lora": [], "probe": ["--model.head_warmup=1.0"]}
@@ -128,6 +128,8 @@ def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int) -> No
             "balanced_sampler": ["--data.sampler=balanced"],
         }
         metric = "test_balanced_acc"
+    if only:
+        variants = {name: extra for name, extra in variants.items() if name in only}
     results: dict = {"kind": kind, "metric": metric, "epochs": epochs, "args": COMMON + source, "runs": []}
     results["machine"] = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,15 +163,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/label_sets"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=None, help="only these variants (the first is the base)")
+    parser.add_argument("--mosaics", type=int, nargs=3, default=[400, 100, 200], help="train, val, test images")
     args = parser.parse_args()
     if args.what == "build":
-        build_mosaics(args.data / "mosaics", {"train": 800, "val": 200, "test": 270})
+        build_mosaics(args.data / "mosaics", dict(zip(("train", "val", "test"), args.mosaics, strict=True)))
         build_longtail(args.data / "longtail")
         print(f"wrote {args.data / 'mosaics'} and {args.data / 'longtail'}")
         return
     out = args.out or REPO / "benchmarks" / "results" / f"labels_{args.what}.json"
-    study(args.what, args.data, args.seeds, out, args.epochs)
+    study(args.what, args.data, args.seeds, out, args.epochs, args.variants)
 
 
 if __name__ == "__main__":
