@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("vision_lora.deploy.serve", "serve", "serve", "serve a model over HTTP with dynamic batching"),
     "optimize": Command("vision_lora.commands", "optimize", "stream", "write an image folder as LitData shards"),
     "targets": Command("vision_lora.commands", "targets", None, "print what LoRA would adapt in a timm model"),
+    "explain": Command("vision_lora.explain", "explain", None, "write Grad-CAM overlays of images for a checkpoint"),
     "tune": Command(
         "vision_lora.tune", "run_tune_command", "tune", "search fit's options with Optuna (pruning, several processes)"
     ),
