@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,25 @@ def _fit_and_test(args: list[str], work: Path, name: str) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k.startswith("test_") and v}
 
 
+def _int8(run: Path, seed: int) -> dict:
+    """`vision-lora export --quantize int8` of the run's best checkpoint (always written: --min_agreement 0), with
+    the exact label-set agreement it printed."""
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    output = run / "model.int8.onnx"
+    command = [sys.executable, "-m", "vision_lora.cli", "export", "--ckpt_path", str(best), "--output", str(output)]
+    done = subprocess.run(
+        [*command, "--quantize", "int8", "--min_agreement", "0"], capture_output=True, text=True, timeout=1800
+    )
+    found = re.search(r"int8 vs fp32 on .*\): ([\w -]+) agreement ([\d.]+)%", done.stdout + done.stderr)
+    return {
+        "seed": seed,
+        "written": output.is_file(),
+        "measure": found.group(1).strip() if found else None,
+        "agreement": float(found.group(2)) / 100 if found else None,
+        "returncode": done.returncode,
+    }
+
+
 def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only: list[str] | None) -> None:
     if kind == "multilabel":
         source = [f"--data.labels={data / 'mosaics' / 'labels.jsonl'}", f"--data.root={data / 'mosaics'}"]
@@ -138,6 +158,8 @@ def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only:
                 args = [*source, *extra, f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}"]
                 metrics = _fit_and_test(args, Path(tmp), f"{variant}_{seed}")
                 results["runs"].append({"variant": variant, "seed": seed, **metrics})
+                if kind == "multilabel" and variant == "lora" and "int8" not in results:
+                    results["int8"] = _int8(Path(tmp) / f"{variant}_{seed}" / "version_0", seed)
                 print(json.dumps(results["runs"][-1]), flush=True)
                 _summarise(results, variants, metric)
                 out.parent.mkdir(parents=True, exist_ok=True)

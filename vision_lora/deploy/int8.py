@@ -68,6 +68,7 @@ class QuantizationReport:
     int8_accuracy: float | None
     seconds: float
     runtime: str = "ONNX"
+    measure: str = "top-1"  # "exact label-set" for a multi-label model
 
     def __str__(self) -> str:
         acc = ""
@@ -78,7 +79,7 @@ class QuantizationReport:
             f"int8 {self.runtime} {verb} {self.path}: {self.size_bytes / 1e6:.1f} MB "
             f"({self.size_bytes / self.fp32_size_bytes:.2f} of fp32), calibrated on {self.calibration_images} images "
             f"in {self.seconds:.1f} s\n"
-            f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): top-1 agreement "
+            f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): {self.measure} agreement "
             f"{100 * self.agreement:.2f}% (minimum {100 * self.min_agreement:.2f}%){acc}"
         )
 
@@ -225,6 +226,7 @@ def quantize_int8(
         fp32_accuracy=accuracies[0],
         int8_accuracy=accuracies[1],
         seconds=time.perf_counter() - start,
+        measure="top-1" if thresholds is None else "exact label-set",
     )
 
 
