@@ -62,6 +62,7 @@ def test_a_class_label_column_is_single_label_with_a_held_out_val(tmp_path):
     assert sum(module.train_class_counts()) == len(module.folder.samples("train")[0])
 
 
+@pytest.mark.slow  # the offline hub lookup alone takes about 20 s
 def test_missing_columns_and_hub_names_are_one_line_errors(tmp_path):
     data = _mosaics(tmp_path / "data", 10)
     saved = _save(data, tmp_path / "hf")
