@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-FUNCTION_COMMANDS = ("export", "serve", "optimize", "targets", "tune")
+FUNCTION_COMMANDS = ("export", "serve", "optimize", "targets", "tune", "explain")
 
 # Command lines of the docs that cannot parse as written: a file the reader makes first stands in the line.
 UNPARSEABLE = {

@@ -4,6 +4,7 @@ progress lines for logs without a terminal, the report of unreadable images."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -144,14 +145,24 @@ class SaveBestAdapter(L.Callback):
                 "weights": pl_module.hparams.weights,
                 "data_config": pl_module.data_config,
                 "checkpoint": str(best) if best else None,
+                **_task_metadata(pl_module),
             },
         )
         pl_module.load_state_dict(current)
         rank_zero_info(f"Adapter of the best checkpoint written to {out}")
 
 
+def _task_metadata(pl_module: L.LightningModule) -> dict:
+    """The task (and the per-class thresholds of a multi-label model) for adapter and export metadata."""
+    if getattr(pl_module, "task", "multiclass") != "multilabel":
+        return {}
+    return {"task": "multilabel", "thresholds": [float(t) for t in pl_module.thresholds.tolist()]}
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes `predictions.csv` in the run directory: path, predicted class, confidence and the top-5.
+    """Writes `predictions.csv` in the run directory: path, predicted class, confidence and the top-5; for a
+    multi-label model path, labels (a JSON list of the classes at or over their thresholds) and one score column
+    per class.
 
     Args:
         filename: name of the CSV file inside the run directory, or an absolute path.
@@ -168,12 +179,24 @@ class PredictionWriter(BasePredictionWriter):
             name = name.with_name(f"{name.stem}-rank{trainer.global_rank}{name.suffix or '.csv'}")
         self.path = run_dir(trainer) / name  # an absolute filename stays as it is
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        multilabel = getattr(pl_module, "task", "multiclass") == "multilabel"
+        header = (
+            ["path", "labels", *pl_module.class_names] if multilabel else ["path", "prediction", "confidence", "top5"]
+        )
         with open(self.path, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow(["path", "prediction", "confidence", "top5"])
+            csv.writer(f).writerow(header)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         names = pl_module.class_names
         probs = prediction["probs"].float().cpu()
+        if "thresholds" in prediction:  # multi-label
+            chosen = probs >= prediction["thresholds"].float().cpu()  # (B, C)
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                for path, ps, hits in zip(prediction["paths"], probs.tolist(), chosen.tolist(), strict=True):
+                    labels = json.dumps([n for n, hit in zip(names, hits, strict=True) if hit], ensure_ascii=False)
+                    writer.writerow([path, labels, *(f"{p:.6f}" for p in ps)])
+            return
         k = min(5, probs.shape[-1])
         top_p, top_i = probs.topk(k, dim=-1) if len(probs) else (probs, probs.long())
         with open(self.path, "a", newline="", encoding="utf-8") as f:

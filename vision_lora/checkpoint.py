@@ -27,6 +27,9 @@ class TrainedModel:
         class_names: the label of each output index.
         data_config: the preprocessing it was trained with (see `vision_lora.preprocess`), complete.
         data_root: the dataset folder of the training run when the checkpoint records it, else None.
+        task: "multiclass" or "multilabel" (sigmoid outputs, a class is on at or over its threshold).
+        thresholds: the per-class probability thresholds of a multi-label model, chosen on val; else None.
+        data: the data options of the training run when the checkpoint records them (e.g. its label file), else None.
     """
 
     model: nn.Module
@@ -34,6 +37,9 @@ class TrainedModel:
     class_names: list[str] | None
     data_config: dict
     data_root: str | None = None
+    task: str = "multiclass"
+    thresholds: list[float] | None = None
+    data: dict | None = None
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
@@ -69,7 +75,8 @@ def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.Pat
         info = read_adapter_config(adapter)
         model = build_from_adapter(adapter, info).eval()
         data_config = complete_data_config(info.get("data_config") or resolve_data_config(model))
-        return TrainedModel(model, info["model_name"], info.get("class_names"), data_config)
+        task, thresholds = info.get("task", "multiclass"), info.get("thresholds")
+        return TrainedModel(model, info["model_name"], info.get("class_names"), data_config, None, task, thresholds)
     from .module import LoRAClassifier  # Lightning: only for checkpoints
 
     checkpoint = read_checkpoint(ckpt_path)
@@ -77,8 +84,18 @@ def load_model(ckpt_path: str | os.PathLike | None = None, adapter: str | os.Pat
     module = LoRAClassifier(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
-    root = (checkpoint.get("datamodule_hyper_parameters") or {}).get("root")
-    return TrainedModel(module.model.eval(), hparams["backbone"], module.class_names, module.data_config, root)
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    thresholds = module.thresholds.tolist() if module.task == "multilabel" else None
+    return TrainedModel(
+        module.model.eval(),
+        hparams["backbone"],
+        module.class_names,
+        module.data_config,
+        data.get("root"),
+        module.task,
+        thresholds,
+        dict(data),
+    )
 
 
 def build_from_adapter(directory: str | os.PathLike, info: dict | None = None) -> nn.Module:

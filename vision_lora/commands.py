@@ -11,7 +11,7 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checkpoint import load_model
-from .data.folder import FolderSource, image_files, preprocess_files
+from .data.folder import image_files, preprocess_files
 from .errors import VisionLoRAError
 from .lora.adapter import save_adapter, save_merged
 from .lora.config import LoRAConfig
@@ -76,7 +76,7 @@ def export(
         calib_split: the split of the data root (the checkpoint's, or --data.root) to calibrate on.
         calib_images: at most this many calibration images.
         min_agreement: the int8 file is not written when its top-1 agreement with float32 on the test split
-            (else val) is lower.
+            (else val) is lower; for a multi-label model, the share of images with the exact same label set.
         data: `--data.root`: the dataset whose images `--quantize int8` uses, when not the checkpoint's.
         runs_dir: where `--ckpt_path best` / `last` look for runs.
 
@@ -104,6 +104,8 @@ def export(
     images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
     int8 = dict(calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
     if format == "openvino":
+        if trained.task == "multilabel":
+            raise VisionLoRAError("--format openvino does not carry a multi-label model's thresholds yet; use onnx.")
         _export_openvino(trained, output, fp16, images, quantize, data.root if data is not None else None, int8)
         return
     fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output
@@ -115,6 +117,7 @@ def export(
         opset=opset,
         fp16=fp16,
         images=images,
+        thresholds=trained.thresholds,
     )
     rank_zero_info(str(report))
     if quantize:
@@ -156,17 +159,34 @@ def _export_openvino(
 
 @dataclass
 class OptimizeData:
-    """The image folder to write.
+    """The data to write: an image folder, a label file or a Hugging Face dataset (the options of `fit`'s --data).
 
     Args:
-        root: image folder holding train/<class>/<image> (and val/, test/ when it has them).
+        root: image folder holding train/<class>/<image> (and val/, test/ when it has them); with `labels`, the
+            folder its paths are relative to.
         val_fraction: share of each class of train/ held out for val when there is no val/.
         seed: seed of that split.
+        labels: a CSV or JSONL label file (docs/label-files.md).
+        task: "auto", "multiclass" or "multilabel" (multi-label targets are stored as lists of classes).
+        classes: the class list and order of a label file.
+        label_sep: separator of several classes in a CSV label cell.
+        allow_outside_root: accept label-file paths that leave `root`.
+        hf: a Hugging Face dataset (save_to_disk folder or local spec; docs/huggingface.md).
+        hf_image_column: its image column.
+        hf_label_column: its label column.
     """
 
-    root: str
+    root: str | None = None
     val_fraction: float = 0.15
     seed: int = 0
+    labels: str | None = None
+    task: Literal["auto", "multiclass", "multilabel"] = "auto"
+    classes: list[str] | None = None
+    label_sep: str = " "
+    allow_outside_root: bool = False
+    hf: str | None = None
+    hf_image_column: str = "image"
+    hf_label_column: str = "label"
 
 
 def optimize(
@@ -176,22 +196,28 @@ def optimize(
     quality: int = 90,
     num_workers: int | None = None,
 ) -> None:
-    """Write each split of an image folder as LitData chunks of pre-resized image bytes + labels.
+    """Write each split of an image folder, label file or Hugging Face dataset as LitData chunks of pre-resized
+    image bytes + labels (multi-label: the list of classes).
 
     For fast local or streamed (s3://...) training with --data.root <output>. Needs the [stream] extra.
 
     Args:
-        data: the image folder (`--data.root`, `--data.val_fraction`, `--data.seed`).
+        data: the source (`--data.root`, `--data.labels`, `--data.hf`, ...; as `fit` takes them).
         output: folder to write (created; must be new, empty or ours); required.
         max_side: longer side of stored images.
         quality: JPEG quality of re-encoded images.
         num_workers: writer processes (default: all CPUs).
     """
+    from dataclasses import asdict
+
+    from .data.sources import open_source
     from .data.streaming import optimize_folder
 
     if output is None:
         raise VisionLoRAError("vision-lora optimize needs --output, the folder to write.")
-    source = FolderSource(data.root, data.val_fraction, data.seed)
+    source = open_source(asdict(data))[0]
+    if source is None:
+        raise VisionLoRAError("vision-lora optimize needs --data.root (an image folder), --data.labels or --data.hf.")
     report = optimize_folder(source, output, max_side, quality, num_workers)
     print(report, file=sys.stderr)
 

@@ -24,7 +24,9 @@ from .lora.adapter import adapter_state_dict, load_adapter
 from .lora.config import LoRAConfig
 from .lora.inject import apply_lora, lora_report
 from .lora.targets import classifier_names
+from .multilabel import CLASS_WEIGHTS, DEFAULT_THRESHOLD
 from .preprocess import complete_data_config, data_config_record, resolve_data_config
+from .tasks import LabelTasks
 from .weights import create_backbone
 
 __all__ = ["LoRAClassifier", "lr_factor"]
@@ -83,7 +85,7 @@ def _constant_factor(step: int, start: int) -> float:
     return 0.0 if step < start else 1.0
 
 
-class LoRAClassifier(L.LightningModule):
+class LoRAClassifier(LabelTasks, L.LightningModule):
     """A timm classifier fine-tuned with LoRA: adapters and the classifier head train, the backbone stays frozen.
 
     Checkpoints hold only what trains (plus optimizer state and these hyperparameters), so a ViT-B run writes about
@@ -132,6 +134,12 @@ class LoRAClassifier(L.LightningModule):
         crop_pct: eval center-crop fraction; None: the backbone's timm data config.
         data_config: a complete preprocessing config, as checkpoints of vision-lora 0.1 record it; it wins over
             the five options above.
+        task: "multiclass" (softmax, cross-entropy) or "multilabel" (sigmoid, BCE with logits; metrics val_map,
+            val_f1_micro, val_f1_macro, val_exact_match at per-class thresholds chosen on val); linked from the
+            data. None: multiclass, or the task of the checkpoint being loaded.
+        class_weights: weighting of the loss against class imbalance, from the training counts: "none", "inverse"
+            (frequency), "effective" (number of samples), "auto" (the effective number); multi-label: BCE's
+            `pos_weight` (negatives / positives per class) for any of them but "none".
 
     The model owns its preprocessing: `data_config` (the backbone's timm config with the options above) is what the
     DataModule, test, predict and export of a checkpoint all use.
@@ -163,6 +171,8 @@ class LoRAClassifier(L.LightningModule):
         interpolation: str | None = None,
         crop_pct: float | None = None,
         data_config: dict | None = None,
+        task: Literal["multiclass", "multilabel"] | None = None,
+        class_weights: Literal["none", "auto", "inverse", "effective"] = "none",
         **lora: Any,
     ) -> None:
         super().__init__()
@@ -172,6 +182,13 @@ class LoRAClassifier(L.LightningModule):
             raise VisionLoRAError(f"head_warmup is a fraction of the training steps in [0, 1], got {head_warmup}.")
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
+        if task not in (None, "multiclass", "multilabel"):
+            raise VisionLoRAError(f"task must be 'multiclass' or 'multilabel', not {task!r}.")
+        if class_weights not in CLASS_WEIGHTS:
+            raise VisionLoRAError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, not {class_weights!r}.")
+        if task == "multilabel" and (mixup_alpha > 0 or cutmix_alpha > 0):
+            raise VisionLoRAError("mixup / cutmix mix single labels; set model.mixup_alpha and cutmix_alpha to 0.")
+        self.task = task or "multiclass"
         _check_lora_options(lora)
         # jsonargparse follows `**lora` into this call: the CLI shows LoRAConfig's fields, typed and documented.
         self.lora_config = LoRAConfig(**lora)
@@ -209,6 +226,7 @@ class LoRAClassifier(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         # A compiled function, not a submodule: no `_orig_mod.` state-dict keys, and `self.model` stays eager (export).
         self._compiled_forward = torch.compile(self.model.forward) if compile else None
+        self._loss_weight: Tensor | None = None  # class weights, set in `setup` from the training counts
         self._build_metrics()
         self._mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -233,8 +251,14 @@ class LoRAClassifier(L.LightningModule):
 
     def _build_metrics(self) -> None:
         """`acc`: top-1 accuracy, the share of images classified right (what checkpoints monitor as `val_acc`);
-        `balanced_acc`: the mean of the per-class recalls; `f1`: macro F1; `acc5`: top-5 accuracy from 5 classes."""
+        `balanced_acc`: the mean of the per-class recalls; `f1`: macro F1; `acc5`: top-5 accuracy from 5 classes.
+        Multi-label: the scores and targets of a pass are kept and scored at its end (`_multilabel_epoch_end`)."""
         n = self.num_classes
+        if self.task == "multilabel":
+            self.register_buffer("thresholds", torch.full((n,), DEFAULT_THRESHOLD))
+            self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
+            self._named_absent: set[str] = set()
+            return
         metrics = {
             "acc": Accuracy(n, average="micro"),
             "balanced_acc": Accuracy(n, average="macro"),
@@ -256,19 +280,29 @@ class LoRAClassifier(L.LightningModule):
         return {f"model.{k}" for k in adapter_state_dict(self.model)}
 
     def checkpoint_state_keys(self) -> set[str]:
-        """What a checkpoint keeps: what trains, or everything when the backbone is randomly initialised and so
-        cannot be rebuilt from its name."""
-        return set(self.state_dict()) if self.hparams.weights == "random" else self.trainable_state_keys()
+        """What a checkpoint keeps: what trains (and the multi-label thresholds), or everything when the backbone is
+        randomly initialised and so cannot be rebuilt from its name."""
+        if self.hparams.weights == "random":
+            return set(self.state_dict())
+        return self.trainable_state_keys() | ({"thresholds"} if self.task == "multilabel" else set())
 
-    # -- steps ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """For fit with `class_weights`: the loss weights from the data's training counts."""
+        if stage == "fit":
+            self.use_class_weights(self.hparams.get("class_weights", "none"))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
         if x.shape[0] == 0:  # every image of the batch was unreadable and skipped
             return None
-        if self._mixup is not None and x.shape[0] % 2 == 0:
+        if self.task == "multilabel":
+            loss = self._multilabel_loss(self(x), y)
+        elif self._mixup is not None and x.shape[0] % 2 == 0:
             x, soft = self._mixup(x, y)
             loss = SoftTargetCrossEntropy()(self(x), soft)
+        elif self._loss_weight is not None:
+            weight = self._loss_weight.to(x.device)
+            loss = F.cross_entropy(self(x), y, weight=weight, label_smoothing=self.hparams.label_smoothing)
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
         self._check_finite(loss)
@@ -296,11 +330,16 @@ class LoRAClassifier(L.LightningModule):
             "checkpoint or adapter with non-finite values was written. Lower --model.lr / --model.head_lr."
         )
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> Tensor | None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection | None, stage: str) -> Tensor | None:
         x, y = batch
         if x.shape[0] == 0:
             return None
         logits = self(x)
+        if self.task == "multilabel":
+            loss = self._multilabel_loss(logits, y)
+            self._kept[stage].append((logits.detach().float().sigmoid().cpu(), y.detach().float().cpu()))
+            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+            return logits
         loss = F.cross_entropy(logits, y)
         metrics.update(logits, y)
         self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
@@ -309,15 +348,17 @@ class LoRAClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         """Returns the logits (for callbacks such as `reports.EvalPredictions`)."""
-        return self._eval_step(batch, self.val_metrics, "val")
+        return self._eval_step(batch, getattr(self, "val_metrics", None), "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        return self._eval_step(batch, self.test_metrics, "test")
+        return self._eval_step(batch, getattr(self, "test_metrics", None), "test")
 
     def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> dict:
         x, paths = batch
         if x.shape[0] == 0:
             return {"paths": [], "probs": x.new_zeros(0, self.num_classes)}
+        if self.task == "multilabel":
+            return {"paths": list(paths), "probs": self(x).float().sigmoid(), "thresholds": self.thresholds}
         return {"paths": list(paths), "probs": self(x).softmax(-1)}
 
     # -- optimization --------------------------------------------------------------------------------------------
@@ -376,11 +417,22 @@ class LoRAClassifier(L.LightningModule):
             "num_classes": self.num_classes,
             "class_names": self.class_names,
         }
+        if self.task == "multilabel":
+            checkpoint["vision_lora"].update(task="multilabel", thresholds=self.thresholds.tolist())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get("vision_lora")
         if info is None:
             raise VisionLoRAError("This checkpoint was not written by vision_lora's LoRAClassifier.")
+        stored = info.get("task", "multiclass")
+        if stored != self.task:
+            if self.hparams.get("task") is not None:
+                raise VisionLoRAError(
+                    f"The checkpoint is {stored} but the data is {self.task}; point the data at the dataset the "
+                    "checkpoint was trained on, or leave data.task auto."
+                )
+            self.task = stored  # hparams keep None: the data of this run records None too
+            self._build_metrics()
         arch = self.model.pretrained_cfg.get("architecture")
         if info["architecture"] != arch:
             raise VisionLoRAError(f"The checkpoint was trained on {info['backbone']!r}; this model is {arch!r}.")

@@ -189,9 +189,10 @@ class Predictions:
     Attributes:
         stage: "val" or "test".
         keys: per sample, its file path, or its dataset index where the dataset has no paths.
-        targets, preds: (N,) class indices.
-        scores: (N,) softmax probability of the predicted class.
+        targets, preds: (N,) class indices; multi-label: (N, C) 0 / 1, the predictions at `thresholds`.
+        scores: (N,) softmax probability of the predicted class; multi-label: (N, C) sigmoid probabilities.
         images: the input images (H, W, 3 uint8) of the most confidently wrong samples, by position in `keys`.
+        thresholds: (C,) the per-class thresholds of a multi-label model; None for single-label.
     """
 
     stage: str
@@ -200,6 +201,7 @@ class Predictions:
     preds: np.ndarray
     scores: np.ndarray
     images: dict[int, np.ndarray] = field(default_factory=dict)
+    thresholds: np.ndarray | None = None
 
     def confusion_matrix(self, num_classes: int) -> np.ndarray:
         """(true, predicted) counts."""
@@ -249,6 +251,7 @@ class EvalPredictions(L.Callback):
 
     def _start(self, trainer: L.Trainer, stage: str) -> None:
         self.predictions = None
+        self._thresholds = None
         self._rows, self._images = [], []
         self._order, self._dataset, self._batch_size = _sample_keys(trainer, 0, stage)
 
@@ -267,8 +270,19 @@ class EvalPredictions(L.Callback):
         # A batch shorter than its slice of the sampler lost unreadable files: which ones is not known here, so its
         # samples get no key rather than a wrong one.
         whole = self._order is not None and len(images) == min(self._batch_size, len(self._order) - start)
-        probs = logits.detach().float().softmax(-1)
-        scores, preds = probs.max(-1)
+        thresholds = getattr(pl_module, "thresholds", None) if getattr(pl_module, "task", "") == "multilabel" else None
+        if thresholds is not None:  # rows of (target, probabilities); an error's score is its most confident mistake
+            self._thresholds = thresholds.detach().float().cpu()
+            probs = logits.detach().float().sigmoid().cpu()  # (B, C)
+            wrong = (probs >= self._thresholds) != (targets.cpu() > 0.5)  # (B, C)
+            confidence = torch.where(targets.cpu() > 0.5, 1 - probs, probs)  # (B, C) how sure each mistake was
+            scores = torch.where(wrong, confidence, torch.zeros_like(probs)).max(-1).values
+            targets, preds = targets.cpu().long(), probs
+            mistaken = wrong.any(-1).tolist()
+        else:
+            probs = logits.detach().float().softmax(-1)
+            scores, preds = probs.max(-1)
+            mistaken = None
         config = getattr(pl_module, "data_config", None)  # without one, the images are shown as they come
         mean, std = (config["mean"], config["std"]) if config else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         # vision_lora's DataModule names the samples of the batch (paths, or keys of an optimized dataset).
@@ -280,7 +294,8 @@ class EvalPredictions(L.Callback):
             else:
                 index = self._order[start + j] if whole else (pl_module.global_rank, batch_idx, j)
             self._rows.append((index, t, p, s))
-            if t != p and (len(self._images) < _TOP_WRONG or s > self._images[0][0]):
+            is_wrong = t != p if mistaken is None else mistaken[j]
+            if is_wrong and (len(self._images) < _TOP_WRONG or s > self._images[0][0]):
                 self._images.append((s, index, _to_uint8(images[j], mean, std)))
                 self._images.sort(key=lambda item: item[0])
                 self._images = self._images[-_TOP_WRONG:]
@@ -324,13 +339,20 @@ class EvalPredictions(L.Callback):
                 return f"rank {i[0]} batch {i[1]} item {i[2]}{why}"
             return str(paths[i]) if paths is not None else str(i)
 
+        thresholds = getattr(self, "_thresholds", None)
+        preds = np.array([by_index[i][1] for i in order], dtype=np.float64 if thresholds is not None else np.int64)
+        scores = np.array([by_index[i][2] for i in order], dtype=np.float64)
+        if thresholds is not None:  # multi-label: scores are the probabilities, preds the calls at the thresholds
+            thresholds = thresholds.numpy()
+            scores, preds = preds, (preds >= thresholds).astype(np.int64)
         self.predictions = Predictions(
             stage=stage,
             keys=[key(i) for i in order],
             targets=np.array([by_index[i][0] for i in order], dtype=np.int64),
-            preds=np.array([by_index[i][1] for i in order], dtype=np.int64),
-            scores=np.array([by_index[i][2] for i in order], dtype=np.float64),
+            preds=preds,
+            scores=scores,
             images={pos: images[i] for pos, i in enumerate(order) if i in images},
+            thresholds=thresholds,
         )
         self._rows, self._images = [], []
 
@@ -459,7 +481,11 @@ def write_reports(
     written: list[Path] = []
     if history:
         written.append(plot_curves(history, out / "curves.png", monitor, mode))
-    if predictions is not None and len(predictions.keys):
+    if predictions is not None and len(predictions.keys) and predictions.thresholds is not None:
+        from .reports_multilabel import write_multilabel_reports
+
+        written.extend(write_multilabel_reports(predictions, class_names, out))
+    elif predictions is not None and len(predictions.keys):
         matrix = predictions.confusion_matrix(len(class_names))
         title = confusion_title(matrix, predictions.stage)
         written.append(plot_confusion_matrix(matrix, class_names, out / "confusion_matrix.png", title))

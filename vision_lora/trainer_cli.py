@@ -32,7 +32,8 @@ from .callbacks import (
     run_dir,
 )
 from .checkpoint import read_checkpoint
-from .data import ImageFolderDataModule, train_counts
+from .data import ImageFolderDataModule
+from .data.datamodule import train_counts_of
 from .errors import VisionLoRAError
 from .lora.config import LoRAConfig
 from .lora.inject import describe_targets
@@ -42,6 +43,7 @@ from .recipe import RECIPES, Candidate, Plan, choose_recipe
 from .reports import EvalPredictions, History, write_reports
 from .runs import OutputCheck, checkpoint_run_dir, resolve_checkpoint, resolve_last_for_fit, runs_dir_of
 from .screen import RecipeScreen
+from .tasks import monitor_for_task
 
 __all__ = ["TRAINER_DEFAULTS", "VisionLoRACLI", "VisionLoRATrainer", "run_trainer_command"]
 
@@ -132,7 +134,7 @@ def _stand_alone_resume(config) -> None:
 
 _LIGHTNING_CSV = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 
-_LINKED = ("num_classes", "class_names")  # model options that the CLI fills in from the data
+_LINKED = ("num_classes", "class_names", "task")  # model options that the CLI fills in from the data
 _DEFAULT_BACKBONE = inspect.signature(LoRAClassifier).parameters["backbone"].default
 
 
@@ -178,6 +180,10 @@ class VisionLoRACLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        # issue 24 hook: a multi-label run's checkpoints (and screen) monitor val_map where val_acc was asked.
+        checkpoint = self._get(self.config_init, "checkpoint", default=None)
+        if monitor_for_task(checkpoint, getattr(self.datamodule, "task", None)):
+            self._subcommand_config().checkpoint.monitor = checkpoint.monitor
         callbacks = [
             BadFileReport(),
             SaveBestAdapter(),
@@ -255,7 +261,7 @@ class VisionLoRACLI(LightningCLI):
             if config.get("ckpt_path") == "last":
                 resolve_last_for_fit(config)
                 _stand_alone_resume(config)
-            counts = partial(train_counts, config.data.get("root"), config.data.val_fraction, config.data.seed)
+            counts = partial(train_counts_of, config.data)  # issue 24: label files too
             self._plan = choose_recipe(config, counts)
             for choice in self._plan.choices:
                 rank_zero_info(str(choice))
@@ -303,7 +309,7 @@ class VisionLoRACLI(LightningCLI):
         data = self.datamodule
         if not isinstance(data, ImageFolderDataModule) or data.num_classes is None:
             return
-        found = {"num_classes": data.num_classes, "class_names": data.class_names}
+        found = {"num_classes": data.num_classes, "class_names": data.class_names, "task": data.task}
         for key in _LINKED:
             requested = self._requested.get(key)
             if requested is not None and requested != found[key]:

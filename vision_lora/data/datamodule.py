@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import timm
@@ -23,11 +23,22 @@ from ..errors import VisionLoRAError
 from ..preemption import leave_sigterm_to_main
 from ..recipe import AUGMENTS
 from .decode import ImagePipeline
-from .folder import FolderSource, image_files
-from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
-from .streaming import is_optimized, read_info, streaming_dataset
+from .folder import image_files
+from .hf import HFSource
+from .labels import LabelFileSource
+from .samples import (
+    BadSample,
+    BalancedEpochSampler,
+    CollatedBatch,
+    EpochSampler,
+    ImageFileDataset,
+    SkipBadCollate,
+    class_balanced_weights,
+)
+from .sources import open_source, train_counts, train_counts_of
+from .streaming import streaming_dataset
 
-__all__ = ["ImageFolderDataModule", "STAGES", "train_counts"]
+__all__ = ["ImageFolderDataModule", "STAGES", "train_counts", "train_counts_of"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         model_name: timm model whose preprocessing config is used when no model is attached (standalone use).
         preprocess: overrides of that config when no model is attached (keys of timm's data config: input_size,
             mean, std, interpolation, crop_pct, crop_mode). With a model attached, set them on the model.
+        labels: a label file (CSV `path,label[,split]` or JSONL `{"path": ..., "label": ..., "split": ...}`) whose
+            paths are relative to `root` (default: the file's folder); see docs/label-files.md.
+        task: "multiclass" (one class per image), "multilabel" (a set of classes per image, sigmoid outputs), or
+            "auto": multilabel when a JSONL label is a list (printed) or the optimized dataset is multi-label.
+            Linked into the model.
+        classes: the class list and order of a label file (default: the sorted union of its labels).
+        label_sep: separator of several classes in a CSV label cell (multilabel).
+        allow_outside_root: accept label-file paths that leave `root` (absolute, `../`, symlinks out).
+        hf: a Hugging Face dataset instead of `root`: a `save_to_disk` folder or a local `load_dataset` spec, read
+            offline (splits train / validation / test; needs the [hf] extra; docs/huggingface.md).
+        hf_image_column: its image column.
+        hf_label_column: its label column: a ClassLabel, a list of ClassLabel (multi-label) or class-name strings.
+        sampler: training sampling: "shuffle" (each image once per epoch) or "balanced" (each class drawn equally
+            often, with replacement; single-label image folders and label files).
     """
 
     def __init__(
@@ -97,6 +122,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.05,
         model_name: str | None = None,
         preprocess: dict | None = None,
+        labels: str | None = None,
+        task: Literal["auto", "multiclass", "multilabel"] = "auto",
+        classes: list[str] | None = None,
+        label_sep: str = " ",
+        allow_outside_root: bool = False,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
+        hf: str | None = None,
+        hf_image_column: str = "image",
+        hf_label_column: str = "label",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,21 +145,44 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._epoch_key: int | None = None  # shuffle key of the current image-folder epoch
         self._batches_done = 0  # training batches of the current epoch handed to the model
         self._train_loader: DataLoader | None = None
-        self.folder: FolderSource | None = None
-        self.info: dict[str, Any] | None = None  # of an optimized dataset
-        if root is None:
-            self._class_names = None
-        elif is_optimized(root):
-            self.info = read_info(root)
-            self._class_names = list(self.info["class_names"])
-        else:
-            self.folder = FolderSource(root, val_fraction, seed)
-            self._class_names = self.folder.class_names
+        self.folder, self.info, self._class_names, self._task = open_source(self.hparams)
+        if isinstance(self.folder, LabelFileSource):
+            self.root = str(self.folder.root)
+        # Recorded resolved: Lightning refuses a run whose model and data record the same key with different values
+        # (and under LightningCLI `save_hyperparameters` records the given arguments, so both copies are set here).
+        self.hparams.task = self._hparams_initial["task"] = self._task
+        if sampler == "balanced" and self._task == "multilabel":
+            raise VisionLoRAError("data.sampler balanced is for single-label data; use model.class_weights auto.")
+        if sampler == "balanced" and self.info is not None:
+            raise VisionLoRAError("data.sampler balanced needs an image folder or a label file, not streamed data.")
 
     @property
     def class_names(self) -> list[str] | None:
         """Class names in class-index order; None without `root`."""
         return list(self._class_names) if self._class_names is not None else None
+
+    @property
+    def task(self) -> str | None:
+        """ "multiclass" or "multilabel"; None without `root` (predict: the checkpoint's)."""
+        return self._task
+
+    def train_class_counts(self) -> list[int]:
+        """Training images per class (positives per class for multilabel), for class weights.
+
+        Raises:
+            VisionLoRAError: the counts are not known here (an optimized dataset, or no data).
+        """
+        if self.folder is None:
+            raise VisionLoRAError("model.class_weights auto needs an image folder or a label file as data.")
+        targets = self.folder.samples("train")[1]
+        counts = [0] * len(self._class_names)
+        for target in targets:
+            if isinstance(target, int):
+                counts[target] += 1
+            else:
+                for i, value in enumerate(target):
+                    counts[i] += int(value > 0)
+        return counts
 
     @property
     def num_classes(self) -> int | None:
@@ -151,6 +208,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     @property
     def source(self) -> str:
         """ "folder", "optimized", or "none" (predict only)."""
+        if isinstance(self.folder, (LabelFileSource, HFSource)):
+            return "labels" if isinstance(self.folder, LabelFileSource) else "hf"
         return "folder" if self.folder is not None else "optimized" if self.info is not None else "none"
 
     # -- preprocessing -------------------------------------------------------------------------------------------
@@ -219,6 +278,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         if "train" in self.datasets:
             self.datasets["train"] = self._dataset("train")
 
+    def use_sampler(self, sampler: str) -> None:
+        """Train with `sampler` ("shuffle" or "balanced") from the next training dataloader on (the recipe screen's
+        imbalance candidates, see `vision_lora.multilabel.imbalance_candidates`)."""
+        if sampler not in ("shuffle", "balanced"):
+            raise VisionLoRAError(f"sampler must be 'shuffle' or 'balanced', not {sampler!r}.")
+        if sampler == "balanced" and (self._task == "multilabel" or self.folder is None):
+            raise VisionLoRAError("data.sampler balanced needs single-label data from an image folder or label file.")
+        self.hparams.sampler = sampler
+
     def eval_transform(self, data_config: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Tensor]:
         """The evaluation transform on RGB images (`vision_lora.preprocess.eval_transform`, which export verification
         and `vision-lora serve` use too): resize, center crop by `crop_pct`, normalise."""
@@ -235,7 +303,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             VisionLoRAError: "predict" without `predict_dir`, or no `root` for the other stages.
         """
         self.resolve_data_config()
-        if self.root is None and stage != "predict":
+        if self.root is None and self.folder is None and stage != "predict":
             raise VisionLoRAError(
                 f"data.root is required to {stage or 'set up'}: a folder holding train/<class>/<image>, or an "
                 "optimized dataset."
@@ -259,6 +327,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             if hp.predict_dir is None:
                 raise VisionLoRAError("Predicting needs data.predict_dir, a folder of images.")
             return ImageFileDataset(image_files(hp.predict_dir), None, pipeline, hp.bad_files)
+        if isinstance(self.folder, HFSource):
+            return self.folder.dataset(split, pipeline, hp.bad_files)
         if self.folder is not None:
             return ImageFileDataset(*self.folder.samples(split), pipeline, hp.bad_files)
         if not self.has_split(split):
@@ -270,6 +340,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             seed=hp.seed,
             bad_files=hp.bad_files,
             drop_last=split == "train" and self._ranks()[0] > 1,  # equal steps on every rank; one rank keeps all
+            num_classes=self.num_classes if self._task == "multilabel" else None,
         )
 
     def _ranks(self) -> tuple[int, int]:
@@ -296,7 +367,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 loader.load_state_dict(self._restored.pop("train_loader"))
             return loader
         world, rank = self._ranks()
-        if split == "train":
+        if split == "train" and hp.sampler == "balanced":
+            weights = class_balanced_weights(self.folder.samples("train")[1])
+            sampler = BalancedEpochSampler(dataset, weights, hp.seed, self._epoch_start, num_replicas=world, rank=rank)
+        elif split == "train":
             sampler = EpochSampler(dataset, hp.seed, self._epoch_start, num_replicas=world, rank=rank)
         elif world > 1:  # every sample exactly once across ranks, where Lightning's sampler would pad
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
@@ -418,12 +492,3 @@ def _check_arguments(hp: Mapping[str, Any]) -> None:
             timm.get_pretrained_cfg(hp["model_name"])
         except RuntimeError as err:  # a pretrained tag the architecture does not have
             raise VisionLoRAError(f"model_name '{hp['model_name']}': {err}") from err
-
-
-def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
-    """(training images, classes) of an image folder or an optimized dataset, as the DataModule will split it."""
-    if is_optimized(root):
-        info = read_info(root)
-        return int(info["counts"].get("train", 0)), len(info["class_names"])
-    source = FolderSource(root, val_fraction, seed)
-    return len(source.samples("train")[0]), len(source.class_names)

@@ -17,7 +17,16 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from ..errors import VisionLoRAError
 from .decode import ImageSource
 
-__all__ = ["BadSample", "CollatedBatch", "EpochSampler", "ImageFileDataset", "SkipBadCollate", "seeded_rngs"]
+__all__ = [
+    "BadSample",
+    "BalancedEpochSampler",
+    "CollatedBatch",
+    "EpochSampler",
+    "ImageFileDataset",
+    "SkipBadCollate",
+    "class_balanced_weights",
+    "seeded_rngs",
+]
 
 
 class BadSample(NamedTuple):
@@ -33,7 +42,7 @@ class CollatedBatch(NamedTuple):
 
     Attributes:
         images: (B, 3, H, W) float, B may be 0.
-        labels: (B,) long class indices, or the B image paths for predict.
+        labels: (B,) long class indices, (B, num_classes) float multi-hot targets, or the B image paths for predict.
         keys: the B samples' keys: file paths for an image folder, sample keys for an optimized dataset.
         bad: keys and reasons of the samples of this batch that could not be read and were dropped.
         num_samples: samples drawn for this batch, readable or not.
@@ -170,6 +179,51 @@ class EpochSampler(DistributedSampler):
         return iter([(index, base + index) for index in mine[skip:]])
 
 
+def class_balanced_weights(labels: Sequence[int]) -> Tensor:
+    """Sampling weight of each sample, 1 / (samples of its class): every class is drawn equally often. (N,)"""
+    counts = torch.bincount(torch.tensor(list(labels), dtype=torch.long)).double()
+    return 1.0 / counts[torch.tensor(list(labels), dtype=torch.long)]
+
+
+class BalancedEpochSampler(EpochSampler):
+    """`EpochSampler` drawing `len(dataset)` samples per epoch with replacement by `weights` (e.g. equal per class),
+    from a generator keyed by (seed, epoch key) only, so resumed runs and every DDP rank agree; the draw is sharded
+    across ranks as `EpochSampler` shards its permutation, so each draw is trained on by exactly one rank.
+
+    Args:
+        dataset: the training dataset.
+        weights: (N,) non-negative sampling weight of each sample.
+        seed, epoch_key, num_replicas, rank: as in `EpochSampler`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        weights: Tensor,
+        seed: int = 0,
+        epoch_key: Callable[[], int] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(dataset, seed, epoch_key, num_replicas, rank)
+        if len(weights) != len(dataset):
+            raise VisionLoRAError(f"Got {len(weights)} sampling weights for {len(dataset)} samples.")
+        self.weights = weights.double()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        skip = 0
+        if self.epoch_key is not None:
+            key = self.epoch_key()
+            self.epoch, skip = key if isinstance(key, tuple) else (key, 0)
+        n = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, n, replacement=True, generator=generator).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * n
+        # the seed is keyed by the draw's position: an image drawn twice gets two different augmentations
+        mine = list(range(n))[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        return iter([(drawn[j], base + j) for j in mine[skip:]])
+
+
 class SkipBadCollate:
     """Collate function that drops `BadSample`s and carries keys and bad samples along as a `CollatedBatch`.
 
@@ -188,7 +242,13 @@ class SkipBadCollate:
         keys = [s[2] for s in good]
         if good:
             images = default_collate([s[0] for s in good])
-            labels = keys if self.stage == "predict" else torch.tensor([s[1] for s in good], dtype=torch.long)
+            targets = [s[1] for s in good]
+            multi_hot = not isinstance(targets[0], (int, str))  # a tuple of 0/1 per class
+            labels = (
+                keys
+                if self.stage == "predict"
+                else torch.tensor(targets, dtype=torch.float32 if multi_hot else torch.long)
+            )
         else:
             images = torch.empty((0, *self.image_shape))
             labels = [] if self.stage == "predict" else torch.empty(0, dtype=torch.long)

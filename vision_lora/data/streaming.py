@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -26,6 +26,10 @@ from ..errors import VisionLoRAError, require
 from .decode import _decode, _orientation, _oriented_size, _reduction, open_image
 from .folder import FolderSource
 from .samples import display_name, load_sample
+
+if TYPE_CHECKING:
+    from .hf import HFSource
+    from .labels import LabelFileSource
 
 __all__ = [
     "DATASET_INFO",
@@ -57,14 +61,19 @@ def is_optimized(root: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
-def _encode(item: tuple[str, int, str], max_side: int, quality: int, bad_dir: str):
+def _stored_label(label: int | tuple[float, ...]) -> int | str:
+    """A class index as it is; a multi-hot target as the JSON list of its classes (one field type for any count)."""
+    return int(label) if isinstance(label, int) else json.dumps([i for i, v in enumerate(label) if v])
+
+
+def _encode(item: tuple[str | bytes, int | tuple, str], max_side: int, quality: int, bad_dir: str):
     """LitData's per-item function: one sample dict, or nothing (and a line in `bad_dir`) for an unreadable file.
 
     A generator, so that a bad file is skipped instead of stopping the whole optimize run.
     """
     path, label, key = item
     try:
-        raw = Path(path).read_bytes()
+        raw = path if isinstance(path, bytes) else Path(path).read_bytes()
         with open_image(raw) as image:
             width, height = _oriented_size(image)
             upright = _orientation(image) == 1
@@ -81,7 +90,16 @@ def _encode(item: tuple[str, int, str], max_side: int, quality: int, bad_dir: st
         with open(Path(bad_dir) / f"{os.getpid()}.tsv", "a", encoding="utf-8") as f:
             f.write(f"{key}\t{type(err).__name__}: {err}\n".replace("\r", " "))
         return
-    yield {"image": data, "label": int(label), "key": key}
+    yield {"image": data, "label": _stored_label(label), "key": key}
+
+
+def _items(source: FolderSource, split: str) -> list[tuple[str | bytes, int | tuple, str]]:
+    """(file path or encoded bytes, target, key) of each sample of `split`; keys are paths relative to the source's
+    folder (a Hugging Face dataset: stored file names, else `<split>[<row>]`)."""
+    if hasattr(source, "encoded_items"):
+        return source.encoded_items(split)
+    paths, labels = source.samples(split)
+    return [(p, label, display_name(os.path.relpath(p, source.root))) for p, label in zip(paths, labels, strict=True)]
 
 
 def _fingerprint(source: FolderSource, settings: dict) -> str:
@@ -89,6 +107,9 @@ def _fingerprint(source: FolderSource, settings: dict) -> str:
     for split in source.splits():
         digest.update(f"[{split}]".encode())
         paths, labels = source.samples(split)
+        if hasattr(source, "fingerprint"):  # a Hugging Face dataset: the library's own fingerprint of the table
+            digest.update(f"{source.fingerprint(split)}\0{labels}".encode())
+            continue
         for path, label in zip(paths, labels, strict=True):
             stat = os.stat(path)
             digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -158,14 +179,15 @@ def _litdata_side_effects_undone():
 
 
 def optimize_folder(
-    source: FolderSource,
+    source: FolderSource | LabelFileSource | HFSource,
     output: str | os.PathLike,
     max_side: int = 512,
     quality: int = 90,
     num_workers: int | None = None,
     chunk_bytes: str = "64MB",
 ) -> OptimizeReport:
-    """Write every split of an image folder as a LitData optimized dataset in `output`.
+    """Write every split of an image folder, label file or Hugging Face dataset as a LitData optimized dataset in
+    `output` (multi-label targets as the JSON list of their classes).
 
     Each image is stored as encoded bytes with its longer side at most `max_side` (re-encoded as JPEG at
     `quality` where it had to shrink or rotate; kept byte for byte otherwise), with its class index and its path
@@ -189,14 +211,11 @@ def optimize_folder(
             if json.loads(info_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
                 return OptimizeReport(str(output), up_to_date=True)
     _claim_output(output)
-    report = OptimizeReport(str(output), up_to_date=False, source_bytes=_folder_bytes(source.root))
+    origin = Path(getattr(source, "root", None) or getattr(source, "spec", ""))
+    report = OptimizeReport(str(output), up_to_date=False, source_bytes=_folder_bytes(origin) if origin.is_dir() else 0)
     with tempfile.TemporaryDirectory() as bad_dir, _litdata_side_effects_undone():
         for split in source.splits():
-            paths, labels = source.samples(split)
-            items = [
-                (p, label, display_name(os.path.relpath(p, source.root)))
-                for p, label in zip(paths, labels, strict=True)
-            ]
+            items = _items(source, split)
             random.Random(0).shuffle(items)  # LitData shuffles within a window only: mix classes across chunks
             workers = max(1, min(num_workers or os.cpu_count() or 1, len(items)))
             with contextlib.redirect_stdout(io.StringIO()):  # LitData's promotional and status lines
@@ -223,8 +242,9 @@ def optimize_folder(
         **settings,
         "fingerprint": fingerprint,
         "class_names": source.class_names,
+        "task": getattr(source, "task", "multiclass"),
         "counts": report.counts,
-        "source": str(source.root.resolve()),
+        "source": str(origin.resolve()),
         "bad_files": [list(bad) for bad in report.bad_files],
     }
     text = json.dumps(info, indent=2, ensure_ascii=False)
@@ -328,8 +348,18 @@ def _dataset_class() -> type:
         """One split of an optimized dataset, streamed by LitData and decoded into `(image, label, key)` samples
         (see `streaming_dataset`)."""
 
-        def __init__(self, uri: str, pipeline, shuffle: bool, seed: int, bad_files: str, drop_last: bool | None):
+        def __init__(
+            self,
+            uri: str,
+            pipeline,
+            shuffle: bool,
+            seed: int,
+            bad_files: str,
+            drop_last: bool | None,
+            num_classes: int | None = None,
+        ):
             super().__init__(uri, shuffle=shuffle, seed=seed, drop_last=drop_last)
+            self.num_classes = num_classes  # multi-label: stored JSON lists become multi-hot targets
             self.pipeline = pipeline
             self.bad_files = bad_files
             self.vision_seed = seed
@@ -340,14 +370,27 @@ def _dataset_class() -> type:
             if self.shuffle and hasattr(index, "index"):  # training: augmentation seeded by epoch and sample
                 # A fixed prime stride, not len(self): LitData recomputes its length on every call.
                 seed = (self.vision_seed * 1_000_003 + self.current_epoch) * 1_000_000_007 + index.index
-            key = item["key"]
-            return load_sample(key, bytes(item["image"]), int(item["label"]), self.pipeline, seed, self.bad_files)
+            key, label = item["key"], item["label"]
+            if self.num_classes is not None:
+                hot = [0.0] * self.num_classes
+                for i in json.loads(label):
+                    hot[i] = 1.0
+                label = tuple(hot)
+            else:
+                label = int(label)
+            return load_sample(key, bytes(item["image"]), label, self.pipeline, seed, self.bad_files)
 
     return StreamingImageDataset
 
 
 def streaming_dataset(
-    uri: str, pipeline, shuffle: bool, seed: int = 0, bad_files: str = "skip", drop_last: bool | None = None
+    uri: str,
+    pipeline,
+    shuffle: bool,
+    seed: int = 0,
+    bad_files: str = "skip",
+    drop_last: bool | None = None,
+    num_classes: int | None = None,
 ):
     """One split of an optimized dataset as a LitData `StreamingDataset` of `(image, label, key)` samples.
 
@@ -360,5 +403,6 @@ def streaming_dataset(
         bad_files: "skip" returns a `BadSample` for an unreadable sample, "fail" raises.
         drop_last: under several ranks, trim each epoch to whole batches on every rank (training); False keeps
             every sample exactly once (evaluation).
+        num_classes: for a multi-label dataset, the class count of its multi-hot targets.
     """
-    return _dataset_class()(uri, pipeline, shuffle, seed, bad_files, drop_last)
+    return _dataset_class()(uri, pipeline, shuffle, seed, bad_files, drop_last, num_classes)

@@ -68,6 +68,7 @@ class QuantizationReport:
     int8_accuracy: float | None
     seconds: float
     runtime: str = "ONNX"
+    measure: str = "top-1"  # "exact label-set" for a multi-label model
 
     def __str__(self) -> str:
         acc = ""
@@ -78,7 +79,7 @@ class QuantizationReport:
             f"int8 {self.runtime} {verb} {self.path}: {self.size_bytes / 1e6:.1f} MB "
             f"({self.size_bytes / self.fp32_size_bytes:.2f} of fp32), calibrated on {self.calibration_images} images "
             f"in {self.seconds:.1f} s\n"
-            f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): top-1 agreement "
+            f"int8 vs fp32 on {self.eval_name} ({self.eval_images} images): {self.measure} agreement "
             f"{100 * self.agreement:.2f}% (minimum {100 * self.min_agreement:.2f}%){acc}"
         )
 
@@ -100,13 +101,25 @@ class _CalibrationReader:
         self.position = 0
 
 
-def _predict(session: ort.InferenceSession, images: Tensor, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate(
+def _predict(
+    session: ort.InferenceSession, images: Tensor, batch_size: int = 32, thresholds: list[float] | None = None
+) -> np.ndarray:
+    """(N,) top-1 class indices; with `thresholds` (multi-label), (N, C) 0 / 1 label sets: sigmoid >= threshold."""
+    logits = np.concatenate(
         [
             session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].numpy()})[0]
             for i in range(0, len(images), batch_size)
         ]
-    ).argmax(1)
+    )
+    if thresholds is None:
+        return logits.argmax(1)
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))  # (N, C)
+    return (probs >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) per image: the same class, or for label sets (N, C) the exact same set."""
+    return a == b if a.ndim == 1 else (a == b).all(1)
 
 
 def quantize_int8(
@@ -130,9 +143,11 @@ def quantize_int8(
         output: the int8 file; replaced atomically, and left untouched when the agreement is too low.
         calibration: preprocessed images (N, C, H, W), real ones from the training data, to set activation ranges.
         evaluation: preprocessed images to compare the two files on.
-        labels: the class index of each evaluation image, for accuracies.
+        labels: the class index of each evaluation image (multi-label: (N, C) 0 / 1), for accuracies (multi-label:
+            exact-match rates).
         eval_name: how the report names the evaluation images.
-        min_agreement: the least share of evaluation images on which both files predict the same class.
+        min_agreement: the least share of evaluation images on which both files predict the same class (multi-label,
+            when the float32 file's metadata has thresholds: the exact same label set).
         op_types: the ONNX op types to quantize.
 
     Returns:
@@ -184,17 +199,20 @@ def quantize_int8(
         onnx.save_model(proto, str(quantized))
         check_graph(proto)
 
-        fp32_top1 = _predict(ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]), evaluation)
-        int8_top1 = _predict(ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"]), evaluation)
-        agreement = float((fp32_top1 == int8_top1).mean())
+        thresholds = metadata.get("thresholds") if metadata.get("task") == "multilabel" else None
+        fp32_session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        fp32_top1 = _predict(fp32_session, evaluation, thresholds=thresholds)
+        int8_session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+        int8_top1 = _predict(int8_session, evaluation, thresholds=thresholds)
+        agreement = float(_agree(fp32_top1, int8_top1).mean())
         written = agreement >= min_agreement
         if written:
             atomic_write(output, lambda dst: shutil.copyfile(quantized, dst))
         size = quantized.stat().st_size
     accuracies = (None, None)
     if labels is not None:
-        y = labels.numpy()
-        accuracies = (float((fp32_top1 == y).mean()), float((int8_top1 == y).mean()))
+        y = labels.numpy().astype(np.int64)
+        accuracies = (float(_agree(fp32_top1, y).mean()), float(_agree(int8_top1, y).mean()))
     return QuantizationReport(
         path=Path(output),
         written=written,
@@ -208,6 +226,7 @@ def quantize_int8(
         fp32_accuracy=accuracies[0],
         int8_accuracy=accuracies[1],
         seconds=time.perf_counter() - start,
+        measure="top-1" if thresholds is None else "exact label-set",
     )
 
 
@@ -229,6 +248,9 @@ def run_images(
     Raises:
         VisionLoRAError: no data root to take images from.
     """
+    labels_file = (trained.data or {}).get("labels") if data_root is None else None
+    if labels_file is not None:
+        return _label_file_images(trained, labels_file, calib_dir, calib_split, calib_images)
     root = Path(data_root or trained.data_root) if (data_root or trained.data_root) else None
     if calib_dir is None:
         if root is None:
@@ -242,6 +264,28 @@ def run_images(
     return calibration, calibration, None, f"the calibration images of {calib_dir}"
 
 
+def _label_file_images(
+    trained: TrainedModel, labels_file: str, calib_dir: str | os.PathLike | None, calib_split: str, calib_images: int
+) -> tuple[Tensor, Tensor, Tensor | None, str]:
+    """`run_images` for a run trained from a label file: its splits, as the run read them."""
+    from ..data.labels import LabelFileSource
+
+    data = trained.data or {}
+    keys = ("root", "task", "classes", "label_sep", "allow_outside_root", "val_fraction", "seed")
+    source = LabelFileSource(labels_file, **{k: data[k] for k in keys if data.get(k) is not None})
+    if calib_dir is not None:
+        calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
+    else:
+        paths = source.samples(calib_split)[0]
+        calibration = preprocess_files(
+            [paths[i * len(paths) // min(calib_images, len(paths))] for i in range(min(calib_images, len(paths)))],
+            trained.data_config,
+        )
+    split = "test" if "test" in source.splits() else "val"
+    paths, targets = source.samples(split)
+    return calibration, preprocess_files(paths, trained.data_config), torch.tensor(targets), f"{labels_file} {split}"
+
+
 def check_agreement(report: QuantizationReport, fp32_path: str | os.PathLike) -> QuantizationReport:
     """`report`, or the error that says its int8 file was not written.
 
@@ -250,7 +294,7 @@ def check_agreement(report: QuantizationReport, fp32_path: str | os.PathLike) ->
     """
     if not report.written:
         raise VisionLoRAError(
-            f"{report}\nint8 top-1 agreement {100 * report.agreement:.2f}% is under --min_agreement "
+            f"{report}\nint8 agreement {100 * report.agreement:.2f}% is under --min_agreement "
             f"{100 * report.min_agreement:.2f}%: {report.path} was not written (the float32 model is {fp32_path})."
         )
     return report

@@ -295,7 +295,8 @@ def _graph_model(merged: nn.Module, fp16: bool) -> nn.Module:
 
 
 def _metadata(cfg: dict, name: str, class_names: list[str] | None, num_classes: int, fp16: bool, opset: int) -> dict:
-    """What the file records: preprocessing, classes and provenance (read back by `read_onnx_metadata`)."""
+    """What the file records: preprocessing, classes and provenance (read back by `read_onnx_metadata`); a
+    multi-label export adds "task" and its per-class "thresholds" (`export_onnx`)."""
     return {
         "class_names": class_names,
         "num_classes": num_classes,
@@ -343,6 +344,7 @@ def export_onnx(
     # still catches wrong weights, overflow or a broken cast, which move logits by their own magnitude (the measured
     # errors: docs/deployment.md, "Tolerances and settings").
     fp16_atol: float = 5e-2,
+    thresholds: list[float] | None = None,
 ) -> ExportReport:
     """Export a timm classifier, with or without LoRA, as an ONNX file with a dynamic batch axis, verified against
     the PyTorch model in onnxruntime before it is written.
@@ -367,6 +369,8 @@ def export_onnx(
         atol: the largest logit difference accepted in float32, for logits up to 1 in magnitude; it scales with the
             largest reference logit above that.
         fp16_atol: the same, for `fp16`.
+        thresholds: the per-class probability thresholds of a multi-label model (sigmoid of the logits); recorded
+            with `"task": "multilabel"`.
 
     Returns:
         The report of the written file and its agreement with PyTorch; `str(report)` is printable.
@@ -388,6 +392,10 @@ def export_onnx(
             raise VisionLoRAError(f"{len(class_names)} class names given for a model with {num_classes} outputs.")
     graph_model = _graph_model(merged, fp16)
     metadata = _metadata(cfg, name, class_names, num_classes, fp16, opset)
+    if thresholds is not None:
+        if len(thresholds) != num_classes:
+            raise VisionLoRAError(f"{len(thresholds)} thresholds given for a model with {num_classes} outputs.")
+        metadata.update(task="multilabel", thresholds=[float(t) for t in thresholds])
 
     start = time.perf_counter()
     example = torch.randn(_EXPORT_BATCH, *cfg["input_size"], generator=torch.Generator().manual_seed(1))
