@@ -135,3 +135,39 @@ def test_the_int8_gate_counts_only_exact_label_sets():
     int8 = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1]])
     assert _agree(fp32, int8).tolist() == [True, False, True]
     assert _agree(np.array([2, 0]), np.array([2, 1])).tolist() == [True, False]
+
+
+@pytest.mark.slow
+def test_serve_answers_a_multilabel_model_as_predict_writes(tmp_path, backbone_file, monkeypatch):
+    from test_serve import multipart, serving
+
+    data = _mosaics(tmp_path / "data", 60, seed=1)
+    monkeypatch.chdir(tmp_path)
+    weights = f"--model.weights={backbone_file('test_resnet')}"
+    source = [f"--data.labels={data / 'labels.jsonl'}", f"--data.root={data}"]
+    main(["fit", *FAST, weights, *source, "--trainer.max_epochs=2", "--seed_everything=0", "--recipe=off"])
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    main(["export", "--ckpt_path", str(best), "--output", "model.onnx"])
+    # The test split only: val images set the thresholds, so one of them sits exactly at its class's threshold.
+    rows = [json.loads(line) for line in (data / "labels.jsonl").read_text().splitlines()]
+    tests = tmp_path / "test_images"
+    tests.mkdir()
+    for row in rows:
+        if row["split"] == "test":
+            (tests / Path(row["path"]).name).write_bytes((data / row["path"]).read_bytes())
+    predict = ["predict", f"--data.predict_dir={tests}", "--trainer.accelerator=cpu"]
+    main([*predict, "--ckpt_path", str(best), "--trainer.enable_progress_bar=false"])
+    with open(run / "predict" / "predictions.csv", newline="", encoding="utf-8") as f:
+        expected = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    classes = ["blue", "green", "red"]
+    with serving("--model", "model.onnx", log=tmp_path / "server.log") as server:
+        status, _, info = server.request("GET", "/info")
+        assert status == 200
+        assert json.loads(info)["model"]["task"] == "multilabel"
+        for name, row in sorted(expected.items()):
+            status, _, answer = server.predict(*multipart((tests / name).read_bytes(), filename=name))
+            assert status == 200, answer
+            assert answer["labels"] == json.loads(row["labels"]), name
+            scores = [answer["scores"][c] for c in classes]
+            torch.testing.assert_close(scores, [float(row[c]) for c in classes], rtol=0, atol=1e-4)

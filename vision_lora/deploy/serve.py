@@ -85,6 +85,7 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
         name, classes, version = meta["backbone"], meta.get("class_names"), meta["vision_lora_version"]
         num_classes = meta["num_classes"]
         config = meta
+        task, thresholds = meta.get("task", "multiclass"), meta.get("thresholds")
     elif model is not None:
         try:
             meta = read_onnx_metadata(model)
@@ -103,6 +104,7 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
         name, classes, version = meta["backbone"], meta.get("class_names"), meta["vision_lora_version"]
         num_classes = meta["num_classes"]
         config = meta
+        task, thresholds = meta.get("task", "multiclass"), meta.get("thresholds")
     else:
         from ..checkpoint import load_model
 
@@ -112,10 +114,13 @@ def describe_model(model: str | None = None, ckpt_path: str | None = None, adapt
         precision, name, classes, version = "float32 (PyTorch)", trained.name, trained.class_names, __version__
         num_classes = int(getattr(trained.model, "num_classes", 0)) or len(classes or [])
         config = trained.data_config
+        task, thresholds = trained.task, trained.thresholds
     source.info = {
         "name": name,
         "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
         "num_classes": num_classes,
+        "task": task,
+        **({"thresholds": [float(t) for t in thresholds]} if task == "multilabel" else {}),
         **data_config_record(config),
         "precision": precision,
         "quantization": config.get("quantization"),
@@ -355,11 +360,18 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output: tuple[np.ndarray, int]) -> JSONResponse:
         logits, batch_size = output
+        headers = {BATCH_HEADER: str(batch_size)}
+        if self.served.info["task"] == "multilabel":  # the classes at or over their thresholds, as `predict` writes
+            probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (C,) sigmoid, in float32 as `predict`
+            thresholds = np.asarray(self.served.info["thresholds"], np.float32)
+            labels = [c for c, p, t in zip(self.classes, probs, thresholds, strict=True) if p >= t]
+            scores = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
+            return JSONResponse({"labels": labels, "scores": scores}, headers=headers)
         z = logits.astype(np.float64) - logits.max()
         probs = np.exp(z) / np.exp(z).sum()
         top = np.argsort(-probs, kind="stable")[: self.top_k]
         predictions = [{"label": self.classes[i], "index": int(i), "score": float(probs[i])} for i in top]
-        return JSONResponse({"predictions": predictions}, headers={BATCH_HEADER: str(batch_size)})
+        return JSONResponse({"predictions": predictions}, headers=headers)
 
 
 def _terminate_on_sigterm() -> None:
