@@ -13,8 +13,8 @@
 
 `multilabel` trains LoRA with the defaults of the study and the head-only probe (`--model.head_warmup 1`, the same
 budget) per seed and compares `test_map`; `longtail` trains with no handling, `--model.class_weights auto`,
-`inverse`, `effective` and `--data.sampler balanced` per seed and compares the test balanced accuracy
-(`test_balanced_acc`). Each run is its own process; the JSON is rewritten after every run.
+`inverse`, `effective`, `--data.sampler balanced` and the recipe screen's choice (`screen`) per seed and compares
+the test balanced accuracy (`test_balanced_acc`). Each run is its own process; the JSON is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -146,6 +146,8 @@ def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only:
             "auto": ["--model.class_weights=auto"],
             "inverse": ["--model.class_weights=inverse"],
             "balanced_sampler": ["--data.sampler=balanced"],
+            # The defaults: `--recipe auto` screens no handling, balanced sampling and class weights on val.
+            "screen": ["--recipe=auto"],
         }
         metric = "test_balanced_acc"
     if only:

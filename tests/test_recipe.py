@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vision_lora.callbacks import BestCheckpoint
 from vision_lora.cli import main
-from vision_lora.recipe import Length, candidates_for, length_for
+from vision_lora.recipe import Length, _with_imbalance, candidates_for, imbalance_of, length_for
 
 
 def _recipe_lines(caplog) -> dict[str, str]:
@@ -197,3 +197,32 @@ def test_screen_under_ddp_decides_the_same_on_both_ranks(tmp_path):
     assert [row["candidate"] for row in table] == ["none", "standard"] and sum(int(r["winner"]) for r in table) == 1
     assert len(list((run / "checkpoints").glob("best*.ckpt"))) == 1
     assert result.stderr.count("<- continued") + result.stdout.count("<- continued") == 1  # printed by rank 0 only
+
+
+def test_imbalanced_classes_screen_balanced_sampling_and_class_weights_on_balanced_accuracy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "data", {"train": 12, "val": 4})
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    for path in sorted((root / "train" / classes[0]).iterdir())[3:]:  # 3 images of the first class, 12 of the others
+        path.unlink()
+    main(_screen_args(root))
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    table = list(csv.DictReader(open(run / "screen.csv")))
+    assert [row["candidate"] for row in table] == ["none", "standard", "none+balanced", "none+weighted"]
+    assert "val_balanced_acc" in table[0] and len(list((run / "checkpoints").glob("best-*val_balanced_acc*"))) == 1
+    winner = next(row for row in table if row["winner"] == "1")
+    options = dict(option.split("=") for option in winner["options"].split())
+    saved = _saved_config(tmp_path)
+    assert saved["data"]["sampler"] == options["data.sampler"]
+    assert saved["model"]["class_weights"] == options["model.class_weights"]
+    assert saved["checkpoint"]["monitor"] == "val_balanced_acc"
+    # A user's choice of either is never overridden: no imbalance candidates then.
+    main([*_screen_args(root), "--data.sampler=shuffle", "--trainer.logger.init_args.name=given"])
+    given = tmp_path / "runs" / "given" / "version_0"
+    assert [row["candidate"] for row in csv.DictReader(open(given / "screen.csv"))] == ["none", "standard"]
+
+
+def test_imbalance_ratio_and_candidates():
+    assert imbalance_of([3, 12, 12]) == 4.0 and imbalance_of(None) == 1.0 and imbalance_of([0, 5, 5]) == 1.0
+    names = [c.name for c in _with_imbalance(candidates_for(0.5))]
+    assert names == ["light", "standard", "light+balanced", "light+weighted"]

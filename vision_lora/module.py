@@ -139,7 +139,8 @@ class LoRAClassifier(LabelTasks, L.LightningModule):
             data. None: multiclass, or the task of the checkpoint being loaded.
         class_weights: weighting of the loss against class imbalance, from the training counts: "none", "inverse"
             (frequency), "effective" (number of samples), "auto" (the effective number); multi-label: BCE's
-            `pos_weight` (negatives / positives per class) for any of them but "none".
+            `pos_weight` (negatives / positives per class) for any of them but "none". None: left to `--recipe auto`,
+            which screens it on imbalanced data; else "none".
 
     The model owns its preprocessing: `data_config` (the backbone's timm config with the options above) is what the
     DataModule, test, predict and export of a checkpoint all use.
@@ -172,7 +173,7 @@ class LoRAClassifier(LabelTasks, L.LightningModule):
         crop_pct: float | None = None,
         data_config: dict | None = None,
         task: Literal["multiclass", "multilabel"] | None = None,
-        class_weights: Literal["none", "auto", "inverse", "effective"] = "none",
+        class_weights: Literal["none", "auto", "inverse", "effective"] | None = None,
         **lora: Any,
     ) -> None:
         super().__init__()
@@ -184,7 +185,7 @@ class LoRAClassifier(LabelTasks, L.LightningModule):
             num_classes = len(class_names)
         if task not in (None, "multiclass", "multilabel"):
             raise VisionLoRAError(f"task must be 'multiclass' or 'multilabel', not {task!r}.")
-        if class_weights not in CLASS_WEIGHTS:
+        if class_weights is not None and class_weights not in CLASS_WEIGHTS:
             raise VisionLoRAError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, not {class_weights!r}.")
         if task == "multilabel" and (mixup_alpha > 0 or cutmix_alpha > 0):
             raise VisionLoRAError("mixup / cutmix mix single labels; set model.mixup_alpha and cutmix_alpha to 0.")
@@ -289,7 +290,7 @@ class LoRAClassifier(LabelTasks, L.LightningModule):
     def setup(self, stage: str) -> None:
         """For fit with `class_weights`: the loss weights from the data's training counts."""
         if stage == "fit":
-            self.use_class_weights(self.hparams.get("class_weights", "none"))
+            self.use_class_weights(self.hparams.get("class_weights") or "none")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch

@@ -17,7 +17,6 @@ __all__ = [
     "average_precision",
     "choose_thresholds",
     "class_weights",
-    "imbalance_candidates",
     "multilabel_metrics",
 ]
 
@@ -122,22 +121,3 @@ def class_weights(counts: Sequence[int], kind: str = "auto", multilabel: bool = 
         raw = (1.0 - beta) / (1.0 - beta ** n.clamp(min=1))
     raw = torch.where(present, raw, torch.zeros_like(raw))
     return (raw * present.sum() / raw.sum()).float()
-
-
-def imbalance_candidates(counts: Sequence[int]) -> list[dict[str, str]]:
-    """The ways of handling class imbalance a recipe screen can try on a single-label run's own val split (judged on
-    `val_balanced_acc`), as option overrides: none, class-balanced sampling, class-weighted loss. Only "none" when
-    every class has the same number of training images.
-
-    Args:
-        counts: training images of each class (`ImageFolderDataModule.train_class_counts()`).
-    """
-    none = {"data.sampler": "shuffle", "model.class_weights": "none"}
-    present = [c for c in counts if c > 0]
-    if not present or min(present) == max(present):
-        return [none]
-    return [
-        none,
-        {"data.sampler": "balanced", "model.class_weights": "none"},
-        {"data.sampler": "shuffle", "model.class_weights": "auto"},
-    ]

@@ -1,6 +1,7 @@
 """The choices `vision-lora fit` makes from the data when the user leaves them open (`--recipe auto`): which
-augmentation, decided on the run's own val split by a short screen of candidates (`screen.RecipeScreen`), and how
-long, from the val curve. `benchmarks/recipes.py` is the study behind the numbers; docs/recipes.md has its results.
+augmentation and, on imbalanced classes, which handling of the imbalance, decided on the run's own val split by a
+short screen of candidates (`screen.RecipeScreen`), and how long, from the val curve. `benchmarks/recipes.py` is
+the study behind the numbers; docs/recipes.md has its results.
 
 The decision is written into the run's config (so the saved `config.yaml` reproduces the winner without the screen)
 and printed.
@@ -20,8 +21,10 @@ __all__ = [
     "Choice",
     "Length",
     "Plan",
+    "IMBALANCE_RATIO",
     "candidates_for",
     "choose_recipe",
+    "imbalance_of",
     "length_for",
 ]
 
@@ -64,6 +67,12 @@ class Length:
 # and cap (never fewer than MIN_CAP_EPOCHS epochs, the plain loop's length, nor more than MAX_CAP_EPOCHS).
 RUNG_STEPS, PATIENCE_STEPS, MIN_STEPS, CAP_STEPS = 40, 40, 40, 600
 MIN_CAP_EPOCHS, MAX_CAP_EPOCHS = 10, 100
+# The largest over the smallest class of train at or over which the screen also tries class-balanced sampling and a
+# class-weighted loss (below it they change little and would only cost rungs); which one wins is decided on val.
+IMBALANCE_RATIO = 2.0
+_NO_HANDLING = {"data.sampler": "shuffle", "model.class_weights": "none"}
+_HANDLING = {"balanced": {"data.sampler": "balanced", "model.class_weights": "none"},
+             "weighted": {"data.sampler": "shuffle", "model.class_weights": "auto"}}  # fmt: skip
 
 
 def candidates_for(hflip: float) -> list[Candidate]:
@@ -76,6 +85,21 @@ def candidates_for(hflip: float) -> list[Candidate]:
     """
     names = ["light", "standard"] if hflip > 0 else ["none", "standard"]
     return [Candidate(name, {"data.augment": name}) for name in names]
+
+
+def imbalance_of(counts: list[int] | None) -> float:
+    """The largest over the smallest training class count (classes without images left out); 1.0 when unknown."""
+    present = [c for c in counts or [] if c > 0]
+    return max(present) / min(present) if present else 1.0
+
+
+def _with_imbalance(augments: list[Candidate]) -> list[Candidate]:
+    """`augments` without imbalance handling, then the plain loop's augmentation (the first) with each handling."""
+    plain = augments[0]
+    return [
+        *(Candidate(c.name, {**c.options, **_NO_HANDLING}) for c in augments),
+        *(Candidate(f"{plain.name}+{name}", {**plain.options, **opts}) for name, opts in _HANDLING.items()),
+    ]
 
 
 def length_for(train_images: int, batch_size: int, candidates: int) -> Length:
@@ -105,7 +129,9 @@ class Plan:
     length: Length | None
 
 
-def choose_recipe(config: Any, counts: Callable[[], tuple[int, int]]) -> Plan:
+def choose_recipe(
+    config: Any, counts: Callable[[], tuple[int, int]], class_counts: Callable[[], list[int] | None] | None = None
+) -> Plan:
     """Decide, in `config` itself, what the user of `fit` left open, and plan the rest for the run.
 
     With `recipe: auto` and `data.augment: auto`, the augmentation is screened on val (the plan's candidates; the
@@ -114,29 +140,49 @@ def choose_recipe(config: Any, counts: Callable[[], tuple[int, int]]) -> Plan:
     `trainer.max_epochs` becomes its cap, screen included). A screen or a curve-decided length trains at a constant
     learning rate (`model.schedule: auto` becomes "constant"); otherwise "auto" is the cosine decay.
 
+    With `recipe: auto`, `data.sampler` and `model.class_weights` both left open and single-label classes whose
+    largest / smallest training count is at least `IMBALANCE_RATIO`, the screen also tries the plain loop's
+    augmentation with class-balanced sampling and with a class-weighted loss, and the run monitors
+    `val_balanced_acc` where it would monitor `val_acc`.
+
     Args:
-        config: the parsed `fit` config (its `recipe`, `model`, `data` and `trainer` groups).
+        config: the parsed `fit` config (its `recipe`, `model`, `data`, `trainer` and `checkpoint` groups).
         counts: returns (training images, classes) of the data; called only when a choice is needed.
+        class_counts: returns training images per class (None for multi-label data); called only when the imbalance
+            handling is left open.
     """
     data, trainer, model = config.data, config.trainer, config.model
     needs_length = trainer.get("max_epochs") is None and trainer.get("max_steps") in (None, -1)
     open_augment = data.get("augment") == "auto"
-    if data.get("root") is None or not (needs_length or open_augment):
+    auto = config.get("recipe", "auto") == "auto"
+    open_imbalance = auto and data.get("sampler") is None and model.get("class_weights") is None
+    has_data = any(data.get(k) is not None for k in ("root", "labels", "hf"))
+    if not has_data or not (needs_length or open_augment or open_imbalance):
         return Plan([], [], None)
     choices = []
-    screen = config.get("recipe", "auto") == "auto" and open_augment
-    candidates = candidates_for(float(data.get("hflip", 0.5))) if screen else []
-    if open_augment and not screen:
+    candidates = candidates_for(float(data.get("hflip", 0.5))) if auto and open_augment else []
+    ratio = imbalance_of(class_counts()) if open_imbalance and class_counts is not None else 1.0
+    if ratio >= IMBALANCE_RATIO:
+        candidates = _with_imbalance(candidates or [Candidate(str(data.get("augment")), {})])
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and checkpoint.get("monitor") == "val_acc":
+            checkpoint.monitor, checkpoint.filename = "val_balanced_acc", "best-{epoch:02d}-{val_balanced_acc:.4f}"
+            reason = f"imbalanced classes: the largest has {ratio:.1f}x the training images of the smallest"
+            choices.append(Choice("checkpoint.monitor", "val_balanced_acc", reason))
+    if open_augment and not candidates:
         data.augment = "light"
         choices.append(Choice("data.augment", "light", "the plain loop's augmentation; --recipe off"))
+    if not needs_length and not candidates:
+        return Plan(choices, [], None)
     images, _ = counts()
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(nodes)
     batch = data.batch_size * world  # images per optimizer step, across processes
     per_epoch = max(math.ceil(images / max(batch, 1)), 1)
     length = length_for(images, batch, max(len(candidates), 1))
-    if candidates:
-        data.augment = candidates[0].options["data.augment"]
+    for key, value in candidates[0].options.items() if candidates else ():
+        group, name = key.split(".", 1)
+        config[group][name] = value
     if needs_length:
         losers = max(len(candidates) - 1, 0) * length.rung
         trainer.max_epochs = losers + length.max_epochs

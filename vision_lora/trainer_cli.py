@@ -34,6 +34,7 @@ from .callbacks import (
 from .checkpoint import read_checkpoint
 from .data import ImageFolderDataModule
 from .data.datamodule import train_counts_of
+from .data.sources import class_counts_of
 from .errors import VisionLoRAError
 from .lora.config import LoRAConfig
 from .lora.inject import describe_targets
@@ -116,6 +117,18 @@ class VisionLoRATrainer(L.Trainer):
                     callback.filename = str(Path(output).absolute())
         with self._quiet_dirpath():
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+
+
+def _apply_candidate(data: L.LightningDataModule, candidate: Candidate) -> None:
+    """Train with a screened candidate's options from the next epoch on: its augmentation and sampler (the data) and
+    its class weights (the model)."""
+    options = candidate.options
+    if "data.augment" in options:
+        data.use_augment(options["data.augment"])
+    if "data.sampler" in options:
+        data.use_sampler(options["data.sampler"])
+    if "model.class_weights" in options:
+        data.trainer.lightning_module.use_class_weights(options["model.class_weights"])
 
 
 def _stand_alone_resume(config) -> None:
@@ -262,7 +275,7 @@ class VisionLoRACLI(LightningCLI):
                 resolve_last_for_fit(config)
                 _stand_alone_resume(config)
             counts = partial(train_counts_of, config.data)  # issue 24: label files too
-            self._plan = choose_recipe(config, counts)
+            self._plan = choose_recipe(config, counts, partial(class_counts_of, config.data))
             for choice in self._plan.choices:
                 rank_zero_info(str(choice))
 
@@ -279,7 +292,7 @@ class VisionLoRACLI(LightningCLI):
             plan.length,
             monitor=config.checkpoint.get("monitor") or "val_acc",
             mode=config.checkpoint.get("mode") or "max",
-            apply=lambda data, candidate: data.use_augment(candidate.options["data.augment"]),
+            apply=_apply_candidate,
             stop_on_curve=needs_length,
         )
 

@@ -97,7 +97,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         hf_image_column: its image column.
         hf_label_column: its label column: a ClassLabel, a list of ClassLabel (multi-label) or class-name strings.
         sampler: training sampling: "shuffle" (each image once per epoch) or "balanced" (each class drawn equally
-            often, with replacement; single-label image folders and label files).
+            often, with replacement; single-label image folders and label files). None: left to `--recipe auto`,
+            which screens it on imbalanced data (docs/imbalance.md); else "shuffle".
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         classes: list[str] | None = None,
         label_sep: str = " ",
         allow_outside_root: bool = False,
-        sampler: Literal["shuffle", "balanced"] = "shuffle",
+        sampler: Literal["shuffle", "balanced"] | None = None,
         hf: str | None = None,
         hf_image_column: str = "image",
         hf_label_column: str = "label",
@@ -280,7 +281,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def use_sampler(self, sampler: str) -> None:
         """Train with `sampler` ("shuffle" or "balanced") from the next training dataloader on (the recipe screen's
-        imbalance candidates, see `vision_lora.multilabel.imbalance_candidates`)."""
+        imbalance candidates, see `vision_lora.recipe`)."""
         if sampler not in ("shuffle", "balanced"):
             raise VisionLoRAError(f"sampler must be 'shuffle' or 'balanced', not {sampler!r}.")
         if sampler == "balanced" and (self._task == "multilabel" or self.folder is None):

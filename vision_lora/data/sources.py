@@ -12,7 +12,7 @@ from .hf import HFSource
 from .labels import LabelFileSource
 from .streaming import is_optimized, read_info
 
-__all__ = ["open_source", "train_counts", "train_counts_of"]
+__all__ = ["class_counts_of", "open_source", "train_counts", "train_counts_of"]
 
 Source = FolderSource | LabelFileSource | HFSource
 
@@ -62,6 +62,18 @@ def train_counts_of(data: Mapping[str, Any]) -> tuple[int, int]:
     if source is None:
         raise VisionLoRAError("data.root (or data.labels / data.hf) is required to fit.")
     return len(source.samples("train")[0]), len(class_names)
+
+
+def class_counts_of(data: Mapping[str, Any]) -> list[int] | None:
+    """Training images per class of a single-label run's data options, as the DataModule will split them; None for
+    multi-label or optimized data (whose per-class counts are not read before training)."""
+    source, _, class_names, task = open_source(data)
+    if source is None or task != "multiclass" or not class_names:
+        return None
+    counts = [0] * len(class_names)
+    for target in source.samples("train")[1]:
+        counts[int(target)] += 1
+    return counts
 
 
 def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
