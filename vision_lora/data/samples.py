@@ -166,17 +166,23 @@ class EpochSampler(DistributedSampler):
     def __len__(self) -> int:
         return len(self.dataset) // self.num_replicas
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def _epoch(self) -> tuple[int, torch.Generator, int]:
+        """(samples this rank already trained on this epoch, the epoch's generator, the base of its sample seeds)."""
         skip = 0
         if self.epoch_key is not None:
             key = self.epoch_key()
             self.epoch, skip = key if isinstance(key, tuple) else (key, 0)
-        n = len(self.dataset)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=generator).tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * n
-        mine = order[self.rank : len(self) * self.num_replicas : self.num_replicas]
-        return iter([(index, base + index) for index in mine[skip:]])
+        keyed = self.seed * 1_000_003 + self.epoch
+        return skip, torch.Generator().manual_seed(keyed), keyed * len(self.dataset)
+
+    def _mine(self, items: list) -> list:
+        """This rank's share of the epoch's `items`: every num_replicas-th, the same count on every rank."""
+        return items[self.rank : len(self) * self.num_replicas : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        skip, generator, base = self._epoch()
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return iter([(index, base + index) for index in self._mine(order)[skip:]])
 
 
 def class_balanced_weights(labels: Sequence[int]) -> Tensor:
@@ -211,17 +217,11 @@ class BalancedEpochSampler(EpochSampler):
         self.weights = weights.double()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        skip = 0
-        if self.epoch_key is not None:
-            key = self.epoch_key()
-            self.epoch, skip = key if isinstance(key, tuple) else (key, 0)
+        skip, generator, base = self._epoch()
         n = len(self.dataset)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         drawn = torch.multinomial(self.weights, n, replacement=True, generator=generator).tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * n
         # the seed is keyed by the draw's position: an image drawn twice gets two different augmentations
-        mine = list(range(n))[self.rank : len(self) * self.num_replicas : self.num_replicas]
-        return iter([(drawn[j], base + j) for j in mine[skip:]])
+        return iter([(drawn[j], base + j) for j in self._mine(list(range(n)))[skip:]])
 
 
 class SkipBadCollate:
