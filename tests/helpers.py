@@ -185,3 +185,19 @@ class AppendKeys(L.Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._append(trainer, "val")
+
+
+def randomize_adapter(model, seed: int = 0, scale: float = 0.05, magnitude: float = 0.1) -> None:
+    """Random LoRA B, head and DoRA magnitudes for `model` (LoRA applied), so that an adapter changes the outputs."""
+    import torch
+
+    from vision_lora.lora.targets import classifier_names
+
+    gen = torch.Generator().manual_seed(seed)
+    heads = tuple(f"{h}." for h in classifier_names(model))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.startswith(heads):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif "lora_magnitude" in n:
+                p.mul_(1 + magnitude * torch.randn(p.shape, generator=gen))

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import randomize_adapter
 
 from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from vision_lora.checkpoint import load_model
 from vision_lora.deploy.multi import MultiAdapterModel
-from vision_lora.lora import classifier_names
 from vision_lora.preprocess import data_config_record, resolve_data_config
 from vision_lora.weights import create_backbone
 
@@ -31,14 +31,7 @@ def make_adapter(
     """An adapter of `backbone` (weights from the file `weights`) with random LoRA B, DoRA magnitudes and head."""
     model = create_backbone(backbone, num_classes=num_classes, weights=str(weights))
     apply_lora(model, LoRAConfig(**config))
-    gen = torch.Generator().manual_seed(seed)
-    heads = tuple(f"{h}." for h in classifier_names(model))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n or n.startswith(heads):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude" in n:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    randomize_adapter(model, seed, scale=0.1, magnitude=0.2)
     data_config = data_config_record(resolve_data_config(model, {"input_size": input_size} if input_size else None))
     metadata = {"backbone": backbone, "weights": str(weights), "data_config": data_config}
     classes = [f"{name}-{i}" for i in range(num_classes)]

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import randomize_adapter
 from safetensors.torch import load_file, save_file
 
 from vision_lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from vision_lora.lora import LoRAQKVLinear, QKVLayout, classifier_names, lora_layers
+from vision_lora.lora import LoRAQKVLinear, QKVLayout, lora_layers
 
 _SIDE = Path(__file__).with_name("peft_side.py")
 
@@ -39,14 +40,7 @@ def _base(name: str, num_classes: int = 4, tiny: bool = False) -> torch.nn.Modul
 def _adapted(name: str, seed: int = 0, tiny: bool = False, **config) -> torch.nn.Module:
     model = _base(name, tiny=tiny)
     apply_lora(model, LoRAConfig(**config))
-    gen = torch.Generator().manual_seed(seed)
-    heads = tuple(f"{h}." for h in classifier_names(model))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n or n.startswith(heads):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "lora_magnitude" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    randomize_adapter(model, seed)
     return model.eval()
 
 

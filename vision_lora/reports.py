@@ -422,6 +422,16 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str):
     return fig
 
 
+def image_grid(plt, count: int, row_height: float):
+    """A figure of up to 4 image panels per row for `count` images, axes off: (figure, (rows, cols) axes)."""
+    cols = min(4, max(count, 1))
+    rows = max(math.ceil(count / cols), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, row_height * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
 def write_errors(
     predictions: Predictions, class_names: list[str], csv_path: str | Path, png_path: str | Path
 ) -> tuple[Path, Path]:
@@ -439,11 +449,7 @@ def write_errors(
             t, p = class_names[predictions.targets[i]], class_names[predictions.preds[i]]
             writer.writerow([predictions.keys[i], t, p, f"{predictions.scores[i]:.4f}"])
     shown = [i for i in wrong if i in predictions.images][:_TOP_WRONG]
-    cols = min(4, max(len(shown), 1))
-    rows = max(math.ceil(len(shown) / cols), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = image_grid(plt, len(shown), 2.9)
     for ax, i in zip(axes.flat, shown, strict=False):
         ax.imshow(predictions.images[i])
         true, pred = shorten(class_names[predictions.targets[i]], 16), shorten(class_names[predictions.preds[i]], 16)

@@ -4,14 +4,13 @@ false negatives as errors.csv / errors.png."""
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .multilabel import average_precision
-from .reports import Predictions, _pyplot, _save, shorten
+from .reports import Predictions, _pyplot, _save, image_grid, shorten
 
 __all__ = ["plot_class_ap", "write_multilabel_errors", "write_multilabel_reports"]
 
@@ -62,11 +61,7 @@ def write_multilabel_errors(
             writer.writerow([predictions.keys[i], class_names[c], kind, f"{probs[i, c]:.4f}", f"{threshold:.4f}"])
     samples = list(dict.fromkeys(int(i) for i, _ in wrong))
     shown = [i for i in samples if i in predictions.images][:_TOP_WRONG]
-    cols = min(4, max(len(shown), 1))
-    rows = max(math.ceil(len(shown) / cols), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.1 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = image_grid(plt, len(shown), 3.1)
     for ax, i in zip(axes.flat, shown, strict=False):
         ax.imshow(predictions.images[i])
         missed = [shorten(class_names[c], 12) for c in np.flatnonzero((targets[i] == 1) & (preds[i] == 0))]
