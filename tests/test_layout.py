@@ -100,6 +100,23 @@ def test_lora_core_imports_no_lightning_litserve_or_litdata():
     assert result.stdout.strip() == "[]"
 
 
+def test_no_benchmark_script_is_imported_by_the_libraries_it_uses():
+    """A script's own folder comes first on `sys.path`: a benchmark named like a module a library probes for (e.g. a
+    `kernels.py` beside a script that imports peft, which looks for the `kernels` package) is imported in its place."""
+    benchmarks = PACKAGE.parent / "benchmarks"
+    stems = sorted(p.stem for p in benchmarks.glob("*.py"))
+    code = (
+        f"import sys; sys.path.insert(0, {str(benchmarks)!r})\n"
+        "import peft, timm, lightning, litdata, onnxruntime, safetensors, torchmetrics\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "get_peft_model(timm.create_model('test_vit'), LoraConfig(r=2, target_modules=['qkv']))\n"
+        f"print(sorted(set(sys.modules) & set({stems!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_data_config_defaults_are_written_in_one_place():
     from vision_lora.preprocess import DATA_CONFIG_DEFAULTS, complete_data_config
 

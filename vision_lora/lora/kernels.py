@@ -214,7 +214,7 @@ def weight_gradient_is_cheaper(fan_in: int, out: int, r: int) -> bool:
     return fan_in * out <= _G_PER_RANK * r * (fan_in + out)
 
 
-# Threshold of `weight_gradient_is_cheaper`, measured with benchmarks/kernels.py (docs/benchmarks.md).
+# Threshold of `weight_gradient_is_cheaper`, measured with benchmarks/conv_kernels.py (docs/benchmarks.md).
 _G_PER_RANK = 64
 
 

@@ -10,8 +10,8 @@ the upper quartile beside it.
   * infer: the adapted model in eval mode with the fold cache (unmerged, torch.no_grad) against the plain timm model,
     batch 1 and 16, alternating calls.
 
-    python benchmarks/kernels.py                     # everything, writes benchmarks/results/kernels.json
-    python benchmarks/kernels.py --parts layer --rounds 8
+    python benchmarks/conv_kernels.py                     # everything, writes benchmarks/results/kernels.json
+    python benchmarks/conv_kernels.py --parts layer --rounds 8
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.time()
     results = {
-        "command": " ".join(["python", "benchmarks/kernels.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/conv_kernels.py", *sys.argv[1:]]),
         "date": str(date.today()),
         "machine": machine_info(threads=args.threads),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
