@@ -1,12 +1,13 @@
 """`vision-lora serve --backbone NAME --adapters DIR`: many classifiers on one backbone over HTTP, with mixed batches
 and hot reload.
 
-Every sub-folder of DIR is an adapter named after it. The HTTP process (`AdapterGate`) polls DIR every second and
-answers what needs no model: a bad or unknown adapter name (400 / 404) before the request reaches a batch, and
-`GET /adapters`. Each inference worker (`AdapterAPI`) holds one `MultiAdapterModel`, re-reads DIR between batches
-(at most a second apart, and at once for a name it has not seen), loads adapters on demand (keeping at most
-`max_adapters`, least recently used evicted) and runs a batch of requests for different adapters together, answering
-each in its own place. A replacement (a swapped symlink) is loaded between two batches, so a batch runs on one version.
+Every sub-folder of DIR is an adapter named after it. The HTTP process (`AdapterGate`) polls DIR every second, and
+re-reads it at once (at most five times a second) for a name it has not seen; it answers what needs no model: a bad
+or unknown adapter name (400 / 404) before the request reaches a batch, and `GET /adapters`. Each inference worker
+(`AdapterAPI`) holds one `MultiAdapterModel`, re-reads DIR between batches (at most a second apart, and at once for a
+name it has not seen), loads adapters on demand (keeping at most `max_adapters`, least recently used evicted) and runs
+a batch of requests for different adapters together, answering each in its own place. A replacement (a swapped
+symlink) is loaded between two batches, so a batch runs on one version.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = ["ADAPTERS_PATH", "AdapterAPI", "AdapterGate", "adapter_server_parts"]
 
 ADAPTERS_PATH = "/adapters"
 POLL_SECONDS = 1.0
+RESCAN_SECONDS = 0.2  # the least time between two re-reads of DIR that requests for unknown names trigger
 
 
 def _log(message: str) -> None:
@@ -64,10 +66,12 @@ class AdapterGate(RequestGate):
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.poller_pid: int | None = None
+        self.refreshed = 0.0
         self._refresh()
 
     def _refresh(self) -> None:
         with self.lock:
+            self.refreshed = time.monotonic()
             added, changed, removed = self.directory.refresh()
             for name in sorted(added | changed):
                 entry = self.directory.entries[name]
@@ -125,6 +129,8 @@ class AdapterGate(RequestGate):
             check_name(name)
         except VisionLoRAError as err:
             raise _Rejected(400, str(err)) from None
+        if name not in self.directory.entries and time.monotonic() - self.refreshed >= RESCAN_SECONDS:
+            self._refresh()  # a name not seen yet: a folder added since the last poll answers at once
         with self.lock:
             entry = self.directory.entries.get(name)
             if entry is None:
