@@ -160,13 +160,19 @@ class LoRALayer(nn.Module):
         """`weight`, cached while autograd is off and no parameter has changed since it was computed."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.weight
-        params = [self.base_layer.weight, self.lora_A, self.lora_B]
-        if self.lora_magnitude is not None:
-            params.append(self.lora_magnitude)
-        key = (*(p._version for p in params), *(p.data_ptr() for p in params), self.merged)
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, self.weight)
-        return self._fold_cache[1]
+        # Read from the module's dicts: nn.Module.__getattr__ costs about a microsecond a call, on every adapted layer
+        # of every eval forward.
+        base, own = self._modules["base_layer"], self._parameters
+        w = base._parameters.get("weight")
+        w = base.weight if w is None else w
+        a, b, m = own["lora_A"], own["lora_B"], own.get("lora_magnitude")
+        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), self.merged)
+        if m is not None:
+            key += (m._version, m.data_ptr())
+        cache = self._fold_cache
+        if cache is None or cache[0] != key:
+            cache = self._fold_cache = (key, self.weight)
+        return cache[1]
 
     # -- forward -----------------------------------------------------------------------------------------------------
 
@@ -286,7 +292,7 @@ class LoRALinear(LoRALayer):
         return self.lora_B, self.lora_A
 
     def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
+        return F.linear(x, weight, self._modules["base_layer"]._parameters.get("bias"))  # dict reads, see above
 
     def _forward_train(self, x: Tensor) -> Tensor:
         base = self.base_layer
@@ -387,7 +393,7 @@ class LoRAQKVLinear(LoRALayer):
         return block, self.lora_A.reshape(-1, self.lora_A.shape[-1])  # (out, S·r), (S·r, in)
 
     def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
+        return F.linear(x, weight, self._modules["base_layer"]._parameters.get("bias"))  # dict reads, see above
 
     def _forward_train(self, x: Tensor) -> Tensor:
         if isinstance(self.lora_dropout, nn.Identity):
@@ -448,13 +454,13 @@ class LoRAConv2d(LoRALayer):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Convolve with the base layer's geometry (stride, padding or same-padding, dilation) and another weight."""
-        base = self.base_layer
+        base = self._modules["base_layer"]  # a dict read, as in `_folded_weight`
         if isinstance(base, Conv2dSame):
             return conv2d_same(x, weight, bias, base.stride, base.padding, base.dilation, 1)
         return base._conv_forward(x, weight, bias)
 
     def _forward_folded(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._conv(x, weight, self.base_layer.bias)
+        return self._conv(x, weight, self._modules["base_layer"]._parameters.get("bias"))
 
     def _forward_train(self, x: Tensor) -> Tensor:
         no_dropout = isinstance(self.lora_dropout, nn.Identity)
