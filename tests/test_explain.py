@@ -57,6 +57,7 @@ def test_a_lora_vit_maps_on_its_patch_grid_without_touching_gradients_or_mode():
     maps = grad_cam(model, images)
     assert maps.shape == (2, *model.patch_embed.img_size) and not model.training
     assert all(p.grad is None for p in model.parameters())
+    assert grad_cam(model, torch.randn(1, 3, 64, 48)).shape == (1, 64, 48)  # test_vit takes any size: a 4 x 3 grid
     qkv = next(n for n, _ in model.named_modules() if n.endswith("qkv.base_layer"))
     try:
         cam_layer(model, qkv)
