@@ -103,6 +103,8 @@ def test_multilabel_jsonl_run_end_to_end(tmp_path, backbone_file, monkeypatch, c
     thresholds = torch.load(best, weights_only=True)["state_dict"]["thresholds"].tolist()
     assert read_adapter_config(run / "adapter")["thresholds"] == pytest.approx(thresholds)
     assert {"class_ap.png", "errors.csv"} <= {p.name for p in run.iterdir()}
+    title = Image.open(run / "errors.png").text["Title"]
+    assert " 0 of " in title or title.endswith("; Grad-CAM of the most confident added class, else missed")
 
     main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(best)])
     with open(run / "test" / "metrics.csv", newline="", encoding="utf-8") as f:

@@ -192,7 +192,7 @@ def test_fit_then_test_show_their_pictures_and_a_clean_console(image_folder, tmp
     assert len(errors) == round((1 - val_acc[best]) * 12) > 0
     assert all(Path(r["path"]).is_file() and Path(r["path"]).parent.name == r["true"] for r in errors)
     assert [float(r["score"]) for r in errors] == sorted((float(r["score"]) for r in errors), reverse=True)
-    _png(run / "errors.png", (200, 200))
+    assert _png(run / "errors.png", (200, 200)).text["Title"].endswith("; Grad-CAM of the predicted class")
     for name in ("curves.png", "confusion_matrix.png", "confusion_matrix.csv", "errors.png", "errors.csv"):
         assert f"Wrote runs/lightning_logs/version_0/{name}" in fit_out
     assert re.search(r"epoch 2/2  step 5/5  loss \d\.\d{4}  [\d.]+ images/s  ETA 0:00:00", fit_out)

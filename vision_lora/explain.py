@@ -40,12 +40,14 @@ def cam_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
         raise VisionLoRAError(f"{name!r} is not a module of the model; see print(model).") from None
 
 
-def _as_grid(activation: Tensor, model: nn.Module) -> Tensor:
-    """(B, C, h, w) from a conv map, or from ViT tokens (B, N, C) without the prefix tokens on the patch grid."""
+def _as_grid(activation: Tensor, model: nn.Module, size: tuple[int, int]) -> Tensor:
+    """(B, C, h, w) from a conv map, or from ViT tokens (B, N, C) without the prefix tokens on the patch grid (of an
+    input of `size` where the ViT takes any size)."""
     if activation.ndim == 4:
         return activation
     prefix = int(getattr(model, "num_prefix_tokens", 0))
-    h, w = model.patch_embed.grid_size
+    embed = model.patch_embed
+    h, w = embed.dynamic_feat_size(size) if getattr(model, "dynamic_img_size", False) else embed.grid_size
     tokens = activation[:, prefix:, :]  # (B, h*w, C)
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)  # (B, C, h, w)
 
@@ -84,7 +86,8 @@ def grad_cam(model: nn.Module, images: Tensor, classes: Tensor | None = None, la
             (grads,) = torch.autograd.grad(score, activation)
     finally:
         handle.remove()
-    act, grad = _as_grid(activation.detach(), model), _as_grid(grads, model)  # (N, C, h, w)
+    size = tuple(images.shape[-2:])
+    act, grad = _as_grid(activation.detach(), model, size), _as_grid(grads, model, size)  # (N, C, h, w)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
     cam = F.relu((weights * act).sum(1, keepdim=True))  # (N, 1, h, w)
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]  # (N, H, W)

@@ -159,15 +159,8 @@ def curves_figure(epochs: list[dict[str, Any]], monitor: str = "val_acc", mode: 
         for ax in (loss_ax, acc_ax, lr_ax):
             ax.axvline(best, color="tab:red", linestyle="--", linewidth=1)
         on_acc = monitor in ("val_acc", "val_acc5", "val_balanced_acc")
-        (acc_ax if on_acc else loss_ax).plot(
-            [best],
-            [row[monitor]],
-            marker="*",
-            markersize=14,
-            color="tab:red",
-            linestyle="none",
-            label=f"best: epoch {best}, {monitor} {row[monitor]:.4f}",
-        )
+        label = f"best: epoch {best}, {monitor} {row[monitor]:.4f}"
+        (acc_ax if on_acc else loss_ax).plot([best], [row[monitor]], "*", markersize=14, color="tab:red", label=label)
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -193,6 +186,8 @@ class Predictions:
         scores: (N,) softmax probability of the predicted class; multi-label: (N, C) sigmoid probabilities.
         images: the input images (H, W, 3 uint8) of the most confidently wrong samples, by position in `keys`.
         thresholds: (C,) the per-class thresholds of a multi-label model; None for single-label.
+        inputs: the network inputs (3, H, W float32, normalised) of the samples in `images`, for Grad-CAM.
+        cam_note: what the Grad-CAM overlays on `images` show (`reports_cam.add_cams`); None without overlays.
     """
 
     stage: str
@@ -202,6 +197,8 @@ class Predictions:
     scores: np.ndarray
     images: dict[int, np.ndarray] = field(default_factory=dict)
     thresholds: np.ndarray | None = None
+    inputs: dict[int, np.ndarray] = field(default_factory=dict)
+    cam_note: str | None = None
 
     def confusion_matrix(self, num_classes: int) -> np.ndarray:
         """(true, predicted) counts."""
@@ -241,7 +238,7 @@ class EvalPredictions(L.Callback):
     def __init__(self) -> None:
         self.predictions: Predictions | None = None
         self._rows: list[tuple[Any, int, int, float]] = []  # (sample index or unknown key, true, predicted, score)
-        self._images: list[tuple[float, Any, np.ndarray]] = []
+        self._images: list[tuple[float, Any, np.ndarray, np.ndarray]] = []  # (score, index, shown, network input)
         self._order: list[int] | None = None
         self._dataset: Any = None
         self._batch_size = 1
@@ -296,7 +293,8 @@ class EvalPredictions(L.Callback):
             self._rows.append((index, t, p, s))
             is_wrong = t != p if mistaken is None else mistaken[j]
             if is_wrong and (len(self._images) < _TOP_WRONG or s > self._images[0][0]):
-                self._images.append((s, index, _to_uint8(images[j], mean, std)))
+                kept = images[j].detach().float().cpu().clone().numpy()  # not a view that would keep the batch
+                self._images.append((s, index, _to_uint8(images[j], mean, std), kept))
                 self._images.sort(key=lambda item: item[0])
                 self._images = self._images[-_TOP_WRONG:]
 
@@ -316,14 +314,14 @@ class EvalPredictions(L.Callback):
         self._finish("test")
 
     def _finish(self, stage: str) -> None:
-        mine = (self._rows, [(i, img) for _, i, img in self._images])
+        mine = (self._rows, [(i, pair) for _, i, *pair in self._images])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             everyone: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(everyone, mine)
         else:
             everyone = [mine]
         by_index: dict[Any, tuple[int, int, float]] = {}
-        images: dict[Any, np.ndarray] = {}
+        images: dict[Any, list[np.ndarray]] = {}  # index -> [shown, network input]
         for rows, imgs in everyone:
             for index, t, p, s in rows:
                 by_index.setdefault(index, (t, p, s))  # DDP pads the last shard with repeated samples
@@ -351,8 +349,9 @@ class EvalPredictions(L.Callback):
             targets=np.array([by_index[i][0] for i in order], dtype=np.int64),
             preds=preds,
             scores=scores,
-            images={pos: images[i] for pos, i in enumerate(order) if i in images},
+            images={pos: images[i][0] for pos, i in enumerate(order) if i in images},
             thresholds=thresholds,
+            inputs={pos: images[i][1] for pos, i in enumerate(order) if i in images},
         )
         self._rows, self._images = [], []
 
@@ -460,6 +459,7 @@ def write_errors(
     else:
         heading = f"{predictions.stage}: no wrong predictions among {total} images"
         axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=11)
+    heading += f"; {predictions.cam_note}" if shown and predictions.cam_note else ""
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     return csv_path, _save(fig, png_path, heading)

@@ -72,6 +72,7 @@ def write_multilabel_errors(
     heading = f"{predictions.stage}: {len(samples)} of {len(predictions.keys)} images with a wrong label"
     if not shown:
         axes.flat[0].text(0.5, 0.5, "no wrong labels", ha="center", va="center", fontsize=11)
+    heading += f"; {predictions.cam_note}" if shown and predictions.cam_note else ""
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     return csv_path, _save(fig, png_path, heading)

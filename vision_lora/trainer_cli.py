@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from .averaging import TrainableEMA
 from .baseline import evaluate_best, fit_head_probe, write_comparison
@@ -42,6 +43,7 @@ from .module import LoRAClassifier
 from .preemption import Preemption
 from .recipe import RECIPES, Candidate, Plan, choose_recipe
 from .reports import EvalPredictions, History, write_reports
+from .reports_cam import add_cams
 from .runs import OutputCheck, checkpoint_run_dir, resolve_checkpoint, resolve_last_for_fit, runs_dir_of
 from .screen import RecipeScreen
 from .tasks import monitor_for_task
@@ -343,6 +345,11 @@ class VisionLoRACLI(LightningCLI):
         monitor = getattr(checkpoint, "monitor", None) or "val_acc"
         mode = getattr(checkpoint, "mode", "max")
         if self.trainer.is_global_zero:
+            net = getattr(self.model, "model", None)
+            if predictions is not None and predictions.inputs and isinstance(net, nn.Module):
+                predictions, why = add_cams(predictions, net)  # on a copy of the net: this one is left as it is
+                if why:
+                    rank_zero_info(f"errors.png without Grad-CAM overlays ({why})")
             for path in write_reports(out_dir, self.model.class_names, predictions, history, monitor, mode):
                 rank_zero_info(f"Wrote {path}")
 
