@@ -11,10 +11,12 @@
 - `longtail/`: the digits as a single-label CSV whose train and val splits fall off 1:20 from class 0 to class 9
   (exponentially), with the test split left balanced.
 
-`multilabel` trains LoRA with the defaults of the study and the head-only probe (`--model.head_warmup 1`, the same
-budget) per seed and compares `test_map`; `longtail` trains with no handling, `--model.class_weights auto`,
-`inverse`, `effective`, `--data.sampler balanced` and the recipe screen's choice (`screen`) per seed and compares
-the test balanced accuracy (`test_balanced_acc`). Each run is its own process; the JSON is rewritten after every run.
+`multilabel` compares, per seed, `vision-lora fit` with its defaults (the recipe screen, the length from val) with
+the plain loop's head-only probe of issue 23 (light augmentation, AdamW 1e-3 constant, 10 epochs), 64 px, flips off,
+on `test_map`, and exports the seed-0 defaults model to int8 (exact label-set agreement). `longtail` trains with no
+handling, `--model.class_weights auto`, `inverse`, `effective`, `--data.sampler balanced` and the recipe screen's
+choice (`screen`) per seed and compares the test balanced accuracy (`test_balanced_acc`). Each run is its own
+process; the JSON is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _machine import machine_info  # noqa: E402
 
 DIGITS = REPO / "data" / "digits"
+# The long-tail study's options (3 epochs, no augmentation, recipe off unless a variant turns it on).
 COMMON = [
     "--model.backbone=tf_efficientnet_lite0",
     "--model.weights=offline",
@@ -51,6 +55,26 @@ COMMON = [
     "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false",
     "--recipe=off",
+]
+# The multi-label study's: what a user gives (backbone, weights, resolution, no flips for digits); the rest per variant.
+MULTILABEL = [
+    "--model.backbone=tf_efficientnet_lite0",
+    "--model.weights=offline",
+    "--model.input_size=64",
+    "--data.hflip=0",
+    "--data.num_workers=0",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+]
+# Issue 23's plain loop as a head-only probe.
+PLAIN_PROBE = [
+    "--data.augment=light",
+    "--recipe=off",
+    "--model.lr=1e-3",
+    "--model.label_smoothing=0",
+    "--model.schedule=constant",
+    "--model.head_warmup=1.0",
+    "--trainer.max_epochs=10",
 ]
 
 
@@ -102,7 +126,7 @@ def build_longtail(out: Path, ratio: float = 20.0, seed: int = 0) -> None:
 def _fit_and_test(args: list[str], work: Path, name: str) -> dict[str, float]:
     logs = [f"--trainer.logger.init_args.save_dir={work}", f"--trainer.logger.init_args.name={name}"]
     command = [sys.executable, "-m", "vision_lora.cli"]
-    subprocess.run([*command, "fit", *COMMON, *args, *logs], check=True, capture_output=True, timeout=3600)
+    subprocess.run([*command, "fit", *args, *logs], check=True, capture_output=True, timeout=3600)
     run = work / name / "version_0"
     subprocess.run(
         [*command, "test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"],
@@ -112,7 +136,9 @@ def _fit_and_test(args: list[str], work: Path, name: str) -> dict[str, float]:
     )
     with open(run / "test" / "metrics.csv", newline="", encoding="utf-8") as f:
         row = next(r for r in csv.DictReader(f) if any(k.startswith("test_") and v for k, v in r.items()))
-    return {k: float(v) for k, v in row.items() if k.startswith("test_") and v}
+    metrics = {k: float(v) for k, v in row.items() if k.startswith("test_") and v}
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {**metrics, "epochs": int(last["epoch"]) + 1, "steps": int(last["global_step"])}
 
 
 def _int8(run: Path, seed: int) -> dict:
@@ -137,10 +163,12 @@ def _int8(run: Path, seed: int) -> dict:
 def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only: list[str] | None) -> None:
     if kind == "multilabel":
         source = [f"--data.labels={data / 'mosaics' / 'labels.jsonl'}", f"--data.root={data / 'mosaics'}"]
-        variants = {"lora": [], "probe": ["--model.head_warmup=1.0"]}
+        common = MULTILABEL
+        variants = {"defaults": [], "probe": PLAIN_PROBE}
         metric = "test_map"
     else:
         source = [f"--data.labels={data / 'longtail' / 'labels.csv'}", f"--data.root={DIGITS}"]
+        common = [*COMMON, f"--trainer.max_epochs={epochs}"]
         variants = {
             "none": [],
             "auto": ["--model.class_weights=auto"],
@@ -152,15 +180,15 @@ def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only:
         metric = "test_balanced_acc"
     if only:
         variants = {name: extra for name, extra in variants.items() if name in only}
-    results: dict = {"kind": kind, "metric": metric, "epochs": epochs, "args": COMMON + source, "runs": []}
+    results: dict = {"kind": kind, "metric": metric, "args": common + source, "variants": variants, "runs": []}
     results["machine"] = machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for variant, extra in variants.items():
-                args = [*source, *extra, f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}"]
+                args = [*common, *source, *extra, f"--seed_everything={seed}"]
                 metrics = _fit_and_test(args, Path(tmp), f"{variant}_{seed}")
                 results["runs"].append({"variant": variant, "seed": seed, **metrics})
-                if kind == "multilabel" and variant == "lora" and "int8" not in results:
+                if kind == "multilabel" and variant == "defaults" and "int8" not in results:
                     results["int8"] = _int8(Path(tmp) / f"{variant}_{seed}" / "version_0", seed)
                 print(json.dumps(results["runs"][-1]), flush=True)
                 _summarise(results, variants, metric)
@@ -187,9 +215,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/label_sets"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="the long-tail study's epochs")
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (the first is the base)")
-    parser.add_argument("--mosaics", type=int, nargs=3, default=[400, 100, 200], help="train, val, test images")
+    parser.add_argument("--mosaics", type=int, nargs=3, default=[1000, 250, 400], help="train, val, test images")
     args = parser.parse_args()
     if args.what == "build":
         build_mosaics(args.data / "mosaics", dict(zip(("train", "val", "test"), args.mosaics, strict=True)))
