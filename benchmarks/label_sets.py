@@ -16,7 +16,7 @@ the plain loop's head-only probe of issue 23 (light augmentation, AdamW 1e-3 con
 on `test_map`, and exports the seed-0 defaults model to int8 (exact label-set agreement). `longtail` trains with no
 handling, `--model.class_weights auto`, `inverse`, `effective`, `--data.sampler balanced` and the recipe screen's
 choice (`screen`) per seed and compares the test balanced accuracy (`test_balanced_acc`). Each run is its own
-process; the JSON is rewritten after every run.
+process; the JSON is rewritten after every run, and a study started again skips the runs it holds.
 """
 
 from __future__ import annotations
@@ -181,10 +181,17 @@ def study(kind: str, data: Path, seeds: list[int], out: Path, epochs: int, only:
     if only:
         variants = {name: extra for name, extra in variants.items() if name in only}
     results: dict = {"kind": kind, "metric": metric, "args": common + source, "variants": variants, "runs": []}
+    if out.is_file():  # a study stopped part-way goes on: runs of the same options are kept, not run again
+        kept = json.loads(out.read_text())
+        if kept.get("args") == results["args"] and kept.get("variants") == variants:
+            results = kept
     results["machine"] = machine_info()
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for variant, extra in variants.items():
+                if (variant, seed) in done:
+                    continue
                 args = [*common, *source, *extra, f"--seed_everything={seed}"]
                 metrics = _fit_and_test(args, Path(tmp), f"{variant}_{seed}")
                 results["runs"].append({"variant": variant, "seed": seed, **metrics})
