@@ -26,14 +26,16 @@ def make_adapter(
     seed: int = 0,
     format: str = "vision_lora",  # noqa: A002
     input_size: int | None = None,
+    task_metadata: dict | None = None,
     **config,
 ) -> Path:
-    """An adapter of `backbone` (weights from the file `weights`) with random LoRA B, DoRA magnitudes and head."""
+    """An adapter of `backbone` (weights from the file `weights`) with random LoRA B, DoRA magnitudes and head;
+    `task_metadata` is what `fit` records for a multi-label model (task, thresholds)."""
     model = create_backbone(backbone, num_classes=num_classes, weights=str(weights))
     apply_lora(model, LoRAConfig(**config))
     randomize_adapter(model, seed, scale=0.1, magnitude=0.2)
     data_config = data_config_record(resolve_data_config(model, {"input_size": input_size} if input_size else None))
-    metadata = {"backbone": backbone, "weights": str(weights), "data_config": data_config}
+    metadata = {"backbone": backbone, "weights": str(weights), "data_config": data_config, **(task_metadata or {})}
     classes = [f"{name}-{i}" for i in range(num_classes)]
     if format == "peft":
         return save_adapter(model, root / name, format="peft")

@@ -23,6 +23,7 @@ from test_serve import multipart, serving
 from vision_lora.preprocess import eval_transform, resolve_data_config
 
 SIDE = 32
+MULTILABEL = {"task": "multilabel", "thresholds": [0.3, 0.5, 0.7, 0.5]}  # as `fit` records a multi-label model
 
 
 def png(seed: int) -> bytes:
@@ -72,6 +73,7 @@ def setup(tmp_path_factory):
         "digits": make_adapter(store, "digits", num_classes=3, seed=1, r=2, **kwargs),
         "dora": make_adapter(store, "dora", num_classes=4, seed=2, r=4, use_dora=True, **kwargs),
         "peft": make_adapter(store, "peft", num_classes=2, seed=3, r=2, format="peft", **kwargs),
+        "tags": make_adapter(store, "tags", num_classes=4, seed=7, r=2, task_metadata=MULTILABEL, **kwargs),
     }
     for name, directory in good.items():
         shutil.copytree(directory, live / name)
@@ -85,6 +87,7 @@ def setup(tmp_path_factory):
     pickled = shutil.copytree(good["peft"], live / "pickled")
     (pickled / "adapter_model.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
+    make_adapter(live, "no_thresholds", num_classes=4, r=2, task_metadata={"task": "multilabel"}, **kwargs)
     oversize = shutil.copytree(good["digits"], live / "oversize")
     (oversize / "notes.txt").write_bytes(b"x" * 1_100_000)
     extra = {
@@ -110,8 +113,8 @@ def expected(setup, name: str, directory: Path, image: bytes) -> torch.Tensor:
 
 
 def test_mixed_requests_get_their_adapters_merged_logits(setup, server):
-    images = [png(i) for i in range(9)]
-    names = ["digits", "dora", "peft"] * 3
+    images = [png(i) for i in range(12)]
+    names = ["digits", "dora", "peft", "tags"] * 3
     answers: dict[int, tuple] = {}
 
     def send(i: int) -> None:
@@ -129,7 +132,13 @@ def test_mixed_requests_get_their_adapters_merged_logits(setup, server):
         got = torch.tensor(answer["logits"])
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
         assert answer["adapter"] == names[i] and answer["sha256"] == hashes[names[i]]
-        assert answer["predictions"][0]["index"] == int(want.argmax())
+        if names[i] != "tags":
+            assert answer["predictions"][0]["index"] == int(want.argmax())
+            continue
+        probs = torch.sigmoid(want)  # a multi-label adapter answers its label set at its own thresholds
+        labels = [f"tags-{c}" for c in range(4) if probs[c] >= MULTILABEL["thresholds"][c]]
+        assert answer["labels"] == labels and "predictions" not in answer
+        torch.testing.assert_close(torch.tensor(list(answer["scores"].values())), probs, rtol=0, atol=1e-4)
     assert max(int(h["x-batch-size"]) for _, h, _ in answers.values()) > 1  # different adapters in one batch
 
 
@@ -139,12 +148,14 @@ def test_bad_adapters_are_listed_with_their_error_and_refused(setup, server):
     assert status == 200 and {"digits", "dora", "peft"} <= set(rows)
     assert rows["dora"]["classes"] == [f"dora-{i}" for i in range(4)] and rows["dora"]["rank"] == 4
     assert rows["peft"]["format"] == "peft" and rows["digits"]["error"] is None
+    assert rows["tags"]["task"] == "multilabel" and rows["digits"]["task"] == "multiclass"
     reasons = {
         "truncated": "not a complete safetensors file",
         "other_backbone": "trained on 'test_vit'",
         "other_size": "preprocessing differs",
         "pickled": "a pickle format",
         "oversize": "over the cap",
+        "no_thresholds": "without 4 per-class thresholds",
     }
     image = png(0)
     for name, reason in reasons.items():

@@ -76,6 +76,8 @@ class AdapterSpec:
         use_dora: whether it is a DoRA adapter.
         sha256: the first 16 hex digits of the SHA-256 of its config and weights files.
         size_bytes: the bytes of all its files.
+        task: "multiclass" or "multilabel" (PEFT files record none: multiclass).
+        thresholds: a multi-label adapter's per-class decision thresholds on the sigmoid, chosen on its val split.
     """
 
     path: str
@@ -89,6 +91,8 @@ class AdapterSpec:
     use_dora: bool
     sha256: str
     size_bytes: int
+    task: str = "multiclass"
+    thresholds: list[float] | None = None
 
 
 def _files(path: Path, max_bytes: int) -> int:
@@ -149,6 +153,7 @@ def inspect_adapter(path: str | os.PathLike, max_bytes: int = 64_000_000) -> Ada
         lora = {"bias": values.get("bias", "none"), "train_norm": False}
         model, weights, data_config, classes = _base_name(values.get("base_model_name_or_path")), None, None, None
         rank, dora = int(values["r"]), bool(values.get("use_dora"))
+        task, thresholds = "multiclass", None
     else:
         try:
             info = read_adapter_config(path)
@@ -159,6 +164,12 @@ def inspect_adapter(path: str | os.PathLike, max_bytes: int = 64_000_000) -> Ada
         data_config = complete_data_config(info["data_config"]) if info.get("data_config") else None
         rows, classes = int(info["num_classes"]), info.get("class_names")
         rank, dora = int(lora["r"]), bool(lora.get("use_dora"))
+        task, thresholds = info.get("task", "multiclass"), info.get("thresholds")
+        if task == "multilabel" and (not isinstance(thresholds, list) or len(thresholds) != rows):
+            raise VisionLoRAError(
+                f"it is a multi-label adapter without {rows} per-class thresholds in its config; export it again "
+                f"from its run (fit writes them)."
+            )
     if lora.get("bias", "none") != "none" or lora.get("train_norm"):
         raise VisionLoRAError(
             f"it trains {'biases' if lora.get('bias', 'none') != 'none' else 'norm layers'} of the backbone, which "
@@ -176,6 +187,8 @@ def inspect_adapter(path: str | os.PathLike, max_bytes: int = 64_000_000) -> Ada
         use_dora=dora,
         sha256=digest.hexdigest()[:16],
         size_bytes=size,
+        task=task,
+        thresholds=[float(t) for t in thresholds] if task == "multilabel" else None,
     )
 
 

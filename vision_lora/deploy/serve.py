@@ -33,7 +33,7 @@ from ..preprocess import DATA_CONFIG_KEYS, data_config_record, eval_stages
 from .batching import batched_loop
 from .onnx import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
-__all__ = ["ClassifierAPI", "RequestGate", "ServedModel", "describe_model", "serve"]
+__all__ = ["ClassifierAPI", "RequestGate", "ServedModel", "describe_model", "multilabel_answer", "serve"]
 
 API_PATH = "/predict"
 BATCH_HEADER = "X-Batch-Size"
@@ -361,17 +361,23 @@ class ClassifierAPI(ls.LitAPI):
     def encode_response(self, output: tuple[np.ndarray, int]) -> JSONResponse:
         logits, batch_size = output
         headers = {BATCH_HEADER: str(batch_size)}
-        if self.served.info["task"] == "multilabel":  # the classes at or over their thresholds, as `predict` writes
-            probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (C,) sigmoid, in float32 as `predict`
-            thresholds = np.asarray(self.served.info["thresholds"], np.float32)
-            labels = [c for c, p, t in zip(self.classes, probs, thresholds, strict=True) if p >= t]
-            scores = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
-            return JSONResponse({"labels": labels, "scores": scores}, headers=headers)
+        if self.served.info["task"] == "multilabel":
+            answer = multilabel_answer(logits, self.classes, self.served.info["thresholds"])
+            return JSONResponse(answer, headers=headers)
         z = logits.astype(np.float64) - logits.max()
         probs = np.exp(z) / np.exp(z).sum()
         top = np.argsort(-probs, kind="stable")[: self.top_k]
         predictions = [{"label": self.classes[i], "index": int(i), "score": float(probs[i])} for i in top]
         return JSONResponse({"predictions": predictions}, headers=headers)
+
+
+def multilabel_answer(logits: np.ndarray, classes: list[str], thresholds: list[float]) -> dict:
+    """A multi-label model's answer: `labels`, the classes at or over their thresholds (as `predict` writes them), and
+    `scores`, every class's sigmoid probability."""
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (C,) sigmoid, in float32 as `predict`
+    cuts = np.asarray(thresholds, np.float32)
+    labels = [c for c, p, t in zip(classes, probs, cuts, strict=True) if p >= t]
+    return {"labels": labels, "scores": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
 
 
 def _terminate_on_sigterm() -> None:

@@ -28,7 +28,7 @@ from ..errors import VisionLoRAError
 from ..preprocess import data_config_record, eval_stages
 from .adapters import AdapterDirectory, BackboneSpec, check_name
 from .batching import batched_loop
-from .serve import _PIXELS, API_PATH, BATCH_HEADER, RequestGate, _Rejected
+from .serve import _PIXELS, API_PATH, BATCH_HEADER, RequestGate, _Rejected, multilabel_answer
 
 __all__ = ["ADAPTERS_PATH", "AdapterAPI", "AdapterGate", "adapter_server_parts"]
 
@@ -114,6 +114,7 @@ class AdapterGate(RequestGate):
                         "num_classes": spec.num_classes,
                         "rank": spec.rank,
                         "dora": spec.use_dora,
+                        "task": spec.task,
                         "format": spec.format,
                         "sha256": spec.sha256,
                         "error": None,
@@ -265,6 +266,7 @@ class AdapterAPI(ls.LitAPI):
                 spec = self.multi.adapters[name]
                 row = logits[j].float().numpy()
                 answers[i] = {"adapter": name, "sha256": spec.sha256, "classes": spec.class_names, "logits": row}
+                answers[i] |= {"thresholds": spec.thresholds}
                 answers[i] |= {"want_logits": want_logits, "batch": len(ready)}
         self._evict(keep=names)
         return answers if batched else answers[0]
@@ -276,14 +278,14 @@ class AdapterAPI(ls.LitAPI):
         if "status" in output:
             return JSONResponse({"detail": output["detail"]}, status_code=output["status"])
         logits, classes = output["logits"], output["classes"]
-        z = logits.astype(np.float64) - logits.max()
-        probs = np.exp(z) / np.exp(z).sum()
-        top = np.argsort(-probs, kind="stable")[: self.top_k]
-        body = {
-            "adapter": output["adapter"],
-            "sha256": output["sha256"],
-            "predictions": [{"label": classes[i], "index": int(i), "score": float(probs[i])} for i in top],
-        }
+        body = {"adapter": output["adapter"], "sha256": output["sha256"]}
+        if output["thresholds"] is not None:  # a multi-label adapter: its label set, as the single-model server
+            body |= multilabel_answer(logits, classes, output["thresholds"])
+        else:
+            z = logits.astype(np.float64) - logits.max()
+            probs = np.exp(z) / np.exp(z).sum()
+            top = np.argsort(-probs, kind="stable")[: self.top_k]
+            body["predictions"] = [{"label": classes[i], "index": int(i), "score": float(probs[i])} for i in top]
         if output["want_logits"]:
             body["logits"] = [float(v) for v in logits]
         return JSONResponse(body, headers={BATCH_HEADER: str(output["batch"])})
