@@ -37,6 +37,10 @@ def test_average_precision_matches_scikit_learn_and_is_nan_without_positives():
     expected = [average_precision_score(targets[:, c], scores[:, c]) for c in range(3)]
     torch.testing.assert_close(ours[:3], torch.tensor(expected, dtype=torch.float64))
     assert torch.isnan(ours[3])
+    tied = np.round(scores * 4) / 4  # tied scores (saturated sigmoids, coarse runtimes): ties count as one step
+    ours = average_precision(torch.from_numpy(tied), torch.from_numpy(targets))
+    expected = [average_precision_score(targets[:, c], tied[:, c]) for c in range(3)]
+    torch.testing.assert_close(ours[:3], torch.tensor(expected, dtype=torch.float64))
 
 
 def test_thresholds_reach_the_best_f1_of_any_threshold():

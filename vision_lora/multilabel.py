@@ -4,6 +4,7 @@ thresholds (micro / macro F1, exact match); plus class weights against imbalance
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,7 @@ _AUTO_WEIGHTS = "effective"  # what `class_weights="auto"` means (docs/imbalance
 
 
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
-    """Average precision of each class: the mean of the precisions at the ranks of its positives.
+    """Average precision of each class (torchmetrics' exact, tie-aware computation, as scikit-learn's).
 
     Args:
         scores: (N, C) scores (probabilities or logits: only their order counts).
@@ -35,11 +36,13 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     Returns:
         (C,) float64; NaN for a class without a positive.
     """
-    order = scores.double().argsort(dim=0, descending=True, stable=True)  # (N, C)
-    hits = targets.double().gather(0, order)  # (N, C) targets in score order
-    ranks = torch.arange(1, len(scores) + 1, dtype=torch.float64).unsqueeze(1)  # (N, 1)
-    precision = hits.cumsum(0) / ranks  # (N, C) precision of the top k
-    return (precision * hits).sum(0) / hits.sum(0)  # 0 / 0 = NaN for a class without a positive
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    present = targets.sum(0) > 0  # (C,)
+    with warnings.catch_warnings():  # a class without a positive is NaN here, and named by the caller
+        warnings.filterwarnings("ignore", message=".*[Nn]o positive samples.*")
+        ap = multilabel_average_precision(scores.double(), targets.long(), targets.shape[1], average="none")
+    return torch.where(present, ap.double(), torch.full_like(ap, math.nan, dtype=torch.float64))
 
 
 def choose_thresholds(probs: Tensor, targets: Tensor) -> Tensor:
