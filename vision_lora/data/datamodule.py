@@ -35,7 +35,7 @@ from .samples import (
     SkipBadCollate,
     class_balanced_weights,
 )
-from .sources import open_source, train_counts, train_counts_of
+from .sources import class_counts, open_source, train_counts, train_counts_of
 from .streaming import streaming_dataset
 
 __all__ = ["ImageFolderDataModule", "STAGES", "train_counts", "train_counts_of"]
@@ -175,15 +175,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """
         if self.folder is None:
             raise VisionLoRAError("model.class_weights auto needs an image folder or a label file as data.")
-        targets = self.folder.samples("train")[1]
-        counts = [0] * len(self._class_names)
-        for target in targets:
-            if isinstance(target, int):
-                counts[target] += 1
-            else:
-                for i, value in enumerate(target):
-                    counts[i] += int(value > 0)
-        return counts
+        return class_counts(self.folder, len(self._class_names))
 
     @property
     def num_classes(self) -> int | None:

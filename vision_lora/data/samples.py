@@ -187,8 +187,8 @@ class EpochSampler(DistributedSampler):
 
 def class_balanced_weights(labels: Sequence[int]) -> Tensor:
     """Sampling weight of each sample, 1 / (samples of its class): every class is drawn equally often. (N,)"""
-    counts = torch.bincount(torch.tensor(list(labels), dtype=torch.long)).double()
-    return 1.0 / counts[torch.tensor(list(labels), dtype=torch.long)]
+    labels = torch.tensor(list(labels), dtype=torch.long)  # (N,)
+    return 1.0 / torch.bincount(labels).double()[labels]
 
 
 class BalancedEpochSampler(EpochSampler):

@@ -12,7 +12,7 @@ from .hf import HFSource
 from .labels import LabelFileSource
 from .streaming import is_optimized, read_info
 
-__all__ = ["class_counts_of", "open_source", "train_counts", "train_counts_of"]
+__all__ = ["class_counts", "class_counts_of", "open_source", "train_counts", "train_counts_of"]
 
 Source = FolderSource | LabelFileSource | HFSource
 
@@ -64,16 +64,25 @@ def train_counts_of(data: Mapping[str, Any]) -> tuple[int, int]:
     return len(source.samples("train")[0]), len(class_names)
 
 
+def class_counts(source: Any, num_classes: int) -> list[int]:
+    """Training images per class of an opened folder, label-file or HF source (multi-label: positives per class)."""
+    counts = [0] * num_classes
+    for target in source.samples("train")[1]:
+        if isinstance(target, (tuple, list)):  # multi-hot
+            for i, value in enumerate(target):
+                counts[i] += int(value > 0)
+        else:
+            counts[int(target)] += 1
+    return counts
+
+
 def class_counts_of(data: Mapping[str, Any]) -> list[int] | None:
     """Training images per class of a single-label run's data options, as the DataModule will split them; None for
     multi-label or optimized data (whose per-class counts are not read before training)."""
     source, _, class_names, task = open_source(data)
     if source is None or task != "multiclass" or not class_names:
         return None
-    counts = [0] * len(class_names)
-    for target in source.samples("train")[1]:
-        counts[int(target)] += 1
-    return counts
+    return class_counts(source, len(class_names))
 
 
 def train_counts(root: str, val_fraction: float, seed: int) -> tuple[int, int]:
