@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
 from vision_lora.cli import main
-from vision_lora.deploy.int8 import _agree, quantize_int8
+from vision_lora.deploy.int8 import agree, quantize_int8
 from vision_lora.deploy.onnx import read_onnx_metadata
 from vision_lora.lora.adapter import read_adapter_config
 from vision_lora.multilabel import (
@@ -137,8 +137,8 @@ def test_multilabel_jsonl_run_end_to_end(tmp_path, backbone_file, monkeypatch, c
 def test_the_int8_gate_counts_only_exact_label_sets():
     fp32 = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]])
     int8 = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1]])
-    assert _agree(fp32, int8).tolist() == [True, False, True]
-    assert _agree(np.array([2, 0]), np.array([2, 1])).tolist() == [True, False]
+    assert agree(fp32, int8).tolist() == [True, False, True]
+    assert agree(np.array([2, 0]), np.array([2, 1])).tolist() == [True, False]
 
 
 @pytest.mark.slow

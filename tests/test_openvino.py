@@ -84,6 +84,21 @@ def test_int8_is_written_above_the_minimum_and_refused_under_it(ir):
         quantize_openvino_int8(work / "int8.xml", work / "again.xml", images, images)
 
 
+def test_a_multilabel_ir_keeps_its_thresholds_and_int8_is_judged_on_exact_label_sets(ir, tmp_path):
+    thresholds = [0.5, 0.3, 0.7]
+    path = tmp_path / "tags.xml"
+    export_openvino(ir["model"], path, class_names=CLASSES, thresholds=thresholds)
+    meta = read_openvino_metadata(path)
+    assert meta["task"] == "multilabel" and meta["thresholds"] == pytest.approx(thresholds)
+    images = torch.randn(24, 3, 160, 160)
+    report = quantize_openvino_int8(path, tmp_path / "tags.int8.xml", images, images, min_agreement=0.0)
+    assert report.written and report.measure == "exact label-set" and "exact label-set agreement" in str(report)
+    assert read_openvino_metadata(tmp_path / "tags.int8.xml")["thresholds"] == pytest.approx(thresholds)
+    cuts = np.log(np.array(thresholds) / (1 - np.array(thresholds)))  # sigmoid(z) >= t  <=>  z >= logit(t)
+    sets = [compile_openvino(p, "f32")(images.numpy())[0] >= cuts for p in (path, tmp_path / "tags.int8.xml")]
+    assert report.agreement == pytest.approx(float((sets[0] == sets[1]).all(1).mean()))
+
+
 def test_a_non_xml_output_and_a_foreign_ir_are_refused(ir, tmp_path):
     with pytest.raises(VisionLoRAError, match=r"\.xml"):
         export_openvino(ir["model"], tmp_path / "model.onnx")

@@ -104,8 +104,6 @@ def export(
     images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
     int8 = dict(calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
     if format == "openvino":
-        if trained.task == "multilabel":
-            raise VisionLoRAError("--format openvino does not carry a multi-label model's thresholds yet; use onnx.")
         _export_openvino(trained, output, fp16, images, quantize, data.root if data is not None else None, int8)
         return
     fp32_path = Path(output).with_suffix(".fp32.onnx") if quantize else output
@@ -147,6 +145,7 @@ def _export_openvino(
         data_config=trained.data_config,
         fp16=fp16,
         images=images,
+        thresholds=trained.thresholds,
     )
     rank_zero_info(str(report))
     if quantize:

@@ -23,7 +23,16 @@ from ..data.folder import image_files, labelled_images, preprocess_files
 from ..errors import VisionLoRAError
 from .onnx import INPUT_NAME, OUTPUT_NAME, check_graph, read_onnx_metadata
 
-__all__ = ["INT8_OP_TYPES", "QuantizationReport", "check_agreement", "quantize_int8", "quantize_trained", "run_images"]
+__all__ = [
+    "INT8_OP_TYPES",
+    "QuantizationReport",
+    "agree",
+    "check_agreement",
+    "decisions",
+    "quantize_int8",
+    "quantize_trained",
+    "run_images",
+]
 
 # Quantizing only the weight-heavy ops keeps Add / Mul / Softmax / LayerNorm in float32, where int8 costs accuracy
 # (residual sums and attention probabilities) and saves little time.
@@ -101,25 +110,31 @@ class _CalibrationReader:
         self.position = 0
 
 
-def _predict(
-    session: ort.InferenceSession, images: Tensor, batch_size: int = 32, thresholds: list[float] | None = None
-) -> np.ndarray:
-    """(N,) top-1 class indices; with `thresholds` (multi-label), (N, C) 0 / 1 label sets: sigmoid >= threshold."""
-    logits = np.concatenate(
-        [
-            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].numpy()})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+def decisions(logits: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
+    """What a model decides from its logits (N, C): (N,) top-1 class indices; with `thresholds` (multi-label), (N, C)
+    0 / 1 label sets, sigmoid >= threshold."""
     if thresholds is None:
         return logits.argmax(1)
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))  # (N, C)
     return (probs >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
 
 
-def _agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N,) per image: the same class, or for label sets (N, C) the exact same set."""
+def agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) per image of two `decisions`: the same class, or for label sets (N, C) the exact same set."""
     return a == b if a.ndim == 1 else (a == b).all(1)
+
+
+def _predict(
+    session: ort.InferenceSession, images: Tensor, batch_size: int = 32, thresholds: list[float] | None = None
+) -> np.ndarray:
+    """The `decisions` of an onnxruntime session on `images`."""
+    logits = np.concatenate(
+        [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].numpy()})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    return decisions(logits, thresholds)
 
 
 def quantize_int8(
@@ -204,7 +219,7 @@ def quantize_int8(
         fp32_top1 = _predict(fp32_session, evaluation, thresholds=thresholds)
         int8_session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
         int8_top1 = _predict(int8_session, evaluation, thresholds=thresholds)
-        agreement = float(_agree(fp32_top1, int8_top1).mean())
+        agreement = float(agree(fp32_top1, int8_top1).mean())
         written = agreement >= min_agreement
         if written:
             atomic_write(output, lambda dst: shutil.copyfile(quantized, dst))
@@ -212,7 +227,7 @@ def quantize_int8(
     accuracies = (None, None)
     if labels is not None:
         y = labels.numpy().astype(np.int64)
-        accuracies = (float(_agree(fp32_top1, y).mean()), float(_agree(int8_top1, y).mean()))
+        accuracies = (float(agree(fp32_top1, y).mean()), float(agree(int8_top1, y).mean()))
     return QuantizationReport(
         path=Path(output),
         written=written,

@@ -22,7 +22,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..errors import VisionLoRAError, require
-from .int8 import QuantizationReport
+from .int8 import QuantizationReport, agree, decisions
 from .onnx import (
     ExportReport,
     _allowed,
@@ -192,6 +192,7 @@ def export_openvino(
     atol: float = 1e-4,
     fp16_atol: float = 5e-2,
     onnx_output: str | os.PathLike | None = None,
+    thresholds: list[float] | None = None,
 ) -> OpenVINOReport:
     """Merge LoRA, export ONNX (`export_onnx`, verified in onnxruntime), convert it to an OpenVINO IR whose rt_info
     holds the same metadata, and write it once OpenVINO, in float32, reproduces PyTorch.
@@ -210,6 +211,7 @@ def export_openvino(
             with the largest reference logit above that.
         fp16_atol: the same, for `fp16` weights.
         onnx_output: also keep the verified float32 ONNX file here (by default it is a temporary file).
+        thresholds: the per-class probability thresholds of a multi-label model, recorded as `export_onnx` does.
 
     Returns:
         The report; `str(report)` is printable.
@@ -234,6 +236,7 @@ def export_openvino(
             data_config=data_config,
             images=images,
             batch_sizes=batch_sizes,
+            thresholds=thresholds,
         )
         start = time.perf_counter()
         metadata = {**read_onnx_metadata(onnx_path), "precision": "float32", "runtime": "openvino"}
@@ -293,10 +296,12 @@ def _model_type(model, nncf: ModuleType):
     return nncf.ModelType.TRANSFORMER if "Softmax" in ops else None
 
 
-def _top1(compiled, images: Tensor, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate(
+def _decisions(compiled, images: Tensor, thresholds: list[float] | None, batch_size: int = 32) -> np.ndarray:
+    """The `decisions` of a compiled model on `images`."""
+    logits = np.concatenate(
         [compiled(images[i : i + batch_size].numpy())[0] for i in range(0, len(images), batch_size)]
-    ).argmax(1)
+    )
+    return decisions(logits, thresholds)
 
 
 def quantize_openvino_int8(
@@ -310,17 +315,20 @@ def quantize_openvino_int8(
     min_agreement: float = 0.99,
 ) -> QuantizationReport:
     """Post-training int8 quantization of a float32 IR with NNCF (`nncf.quantize`: int8 weights and activations,
-    ranges from `calibration`), written only when its top-1 agreement with the float32 IR on `evaluation` reaches
-    `min_agreement`; both are run in float32 inference precision for the comparison.
+    ranges from `calibration`), written only when its agreement with the float32 IR on `evaluation` (top-1; a
+    multi-label IR: exact label sets at its thresholds) reaches `min_agreement`; both are run in float32 inference
+    precision for the comparison.
 
     Args:
         fp32_path: the float32 IR written by `export_openvino`, kept as it is.
         output: the int8 .xml (and .bin); left untouched when the agreement is too low.
         calibration: preprocessed images (N, C, H, W), real ones from the training data.
         evaluation: preprocessed images to compare the two models on.
-        labels: the class index of each evaluation image, for accuracies.
+        labels: the class index of each evaluation image (multi-label: (N, C) 0 / 1), for accuracies (multi-label:
+            exact-match rates).
         eval_name: how the report names the evaluation images.
-        min_agreement: the least share of evaluation images on which both predict the same class.
+        min_agreement: the least share of evaluation images on which both predict the same class (multi-label: the
+            exact same label set).
 
     Returns:
         The report; `written` is False when the agreement was under `min_agreement`.
@@ -350,9 +358,10 @@ def quantize_openvino_int8(
         "calibration_images": len(calibration),
     }
     _set_metadata(quantized, {**metadata, "precision": "int8", "quantization": settings})
-    fp32_top1 = _top1(compile_openvino(model, "f32"), evaluation)
-    int8_top1 = _top1(compile_openvino(quantized, "f32"), evaluation)
-    agreement = float((fp32_top1 == int8_top1).mean())
+    thresholds = metadata.get("thresholds") if metadata.get("task") == "multilabel" else None
+    fp32_top1 = _decisions(compile_openvino(model, "f32"), evaluation, thresholds)
+    int8_top1 = _decisions(compile_openvino(quantized, "f32"), evaluation, thresholds)
+    agreement = float(agree(fp32_top1, int8_top1).mean())
     written = agreement >= min_agreement
     with _staging(output) as folder:
         staged = Path(folder) / output.name
@@ -362,8 +371,8 @@ def quantize_openvino_int8(
             _move_into_place(staged, output)
     accuracies = (None, None)
     if labels is not None:
-        y = labels.numpy()
-        accuracies = (float((fp32_top1 == y).mean()), float((int8_top1 == y).mean()))
+        y = labels.numpy().astype(np.int64)
+        accuracies = (float(agree(fp32_top1, y).mean()), float(agree(int8_top1, y).mean()))
     return QuantizationReport(
         path=output,
         written=written,
@@ -378,4 +387,5 @@ def quantize_openvino_int8(
         int8_accuracy=accuracies[1],
         seconds=time.perf_counter() - start,
         runtime="OpenVINO IR",
+        measure="top-1" if thresholds is None else "exact label-set",
     )
