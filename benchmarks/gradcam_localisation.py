@@ -101,9 +101,18 @@ def localisation(maps: torch.Tensor, boxes: list[dict]) -> dict:
 
 
 def measure(
-    model_name: str, weights: str, epochs: int, lr: float, side: int, data: Path, heldout: list[dict], extra: list[str]
+    model_name: str,
+    weights: str,
+    epochs: int,
+    lr: float,
+    side: int,
+    data: Path,
+    heldout: list[dict],
+    extra: list[str],
+    layers: list[str] = (),
 ) -> dict:
-    """Fit through the CLI, then the held-out accuracy and where the Grad-CAM maps of the predicted class peak."""
+    """Fit through the CLI, then the held-out accuracy and where the Grad-CAM maps of the predicted class peak, at the
+    default layer and at each of `layers`."""
     work = data.parent
     args = [
         "fit",
@@ -141,6 +150,11 @@ def measure(
     start = time.perf_counter()
     maps = grad_cam(model, batch)  # (N, side, side), for the predicted class
     cam_seconds = time.perf_counter() - start
+    other = {}
+    for layer in layers:
+        found = localisation(grad_cam(model, batch, layer=layer), heldout)
+        other[layer] = {k: found[k] for k in ("peak_inside_patch", f"peak_within_{NEAR}px_of_patch")}
+        other[layer]["peak_inside_patch_per_class"] = found["peak_inside_patch_per_class"]
     return {
         "model": model_name,
         "weights": "random init (saved to a file)" if weights.endswith(".pth") else weights,
@@ -155,6 +169,7 @@ def measure(
         **localisation(maps, heldout),
         "fit_seconds": round(fit_seconds, 1),
         "cam_seconds_50_images": round(cam_seconds, 2),
+        **({"other_layers": other} if other else {}),
         "errors_png_title": Image.open(run / "errors.png").text.get("Title"),
     }
 
@@ -176,6 +191,7 @@ def main() -> None:
     parser.add_argument("--vit_lr", type=float, default=3e-3)
     parser.add_argument("--vit_side", type=int, default=224)
     parser.add_argument("--vit_args", action="append", default=[], help="a fit argument for test_vit (repeat)")
+    parser.add_argument("--vit_layers", nargs="*", default=[], help="other layers of test_vit to read as well")
     parser.add_argument("--lite0_epochs", type=int, default=4)
     parser.add_argument("--lite0_lr", type=float, default=1e-3)
     parser.add_argument("--lite0_side", type=int, default=224)
@@ -205,7 +221,8 @@ def main() -> None:
                 torch.manual_seed(123)
                 weights = str(work / "test_vit.pth")
                 torch.save(timm.create_model("test_vit").state_dict(), weights)
-                row = measure(name, weights, args.vit_epochs, args.vit_lr, args.vit_side, data, heldout, args.vit_args)
+                settings = (args.vit_epochs, args.vit_lr, args.vit_side, data, heldout, args.vit_args, args.vit_layers)
+                row = measure(name, weights, *settings)
             else:
                 data, heldout = dataset(work, args.lite0_side, args.train, args.heldout)
                 row = measure(
