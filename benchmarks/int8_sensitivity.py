@@ -33,12 +33,12 @@ from _machine import machine_info  # noqa: E402
 from vision_lora.checkpoint import load_model  # noqa: E402
 from vision_lora.deploy.int8 import (  # noqa: E402
     INT8_OP_TYPES,
-    _CalibrationReader,
     _float_nodes,
     agree,
     decisions,
     quantize_int8,
     run_images,
+    static_qdq,
 )
 from vision_lora.deploy.onnx import export_onnx  # noqa: E402
 
@@ -47,24 +47,6 @@ def _logits(path: Path, images: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i : i + 32].numpy()})[0] for i in range(0, len(images), 32)])
-
-
-def _static(fp32: Path, out: Path, calibration: torch.Tensor, exclude: list[str], activations: str = "QUInt8") -> None:
-    """onnxruntime's static QDQ quantization with the export's settings, `exclude` kept float32."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    quantize_static(
-        str(fp32),
-        str(out),
-        _CalibrationReader(calibration),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(INT8_OP_TYPES),
-        nodes_to_exclude=exclude,
-        per_channel=True,
-        activation_type=getattr(QuantType, activations),
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
 
 
 def _accuracy_control(trained, fp32_onnx: Path, evaluation: torch.Tensor, thresholds) -> dict:
@@ -155,14 +137,14 @@ def main() -> None:
             "size_of_fp32": round(report.size_bytes / report.fp32_size_bytes, 3),
         }
         kept_float = _float_nodes(onnx.load(str(fp32)), INT8_OP_TYPES)
-        _static(fp32, quantized, calibration, kept_float, activations="QUInt16")
+        static_qdq(fp32, quantized, calibration, kept_float, activations="QUInt16")
         result["int8_weights_16bit_activations"] = measured(quantized)
         nodes = [
             n.name for n in onnx.load(str(fp32)).graph.node if n.op_type in INT8_OP_TYPES and n.name not in kept_float
         ]
         result["one_node_int8"] = {}
         for name in nodes:
-            _static(fp32, quantized, calibration, kept_float + [n for n in nodes if n != name])
+            static_qdq(fp32, quantized, calibration, kept_float + [n for n in nodes if n != name])
             result["one_node_int8"][name] = measured(quantized)
             print(name, result["one_node_int8"][name], flush=True)
         solo = [row["agreement"] for row in result["one_node_int8"].values()]

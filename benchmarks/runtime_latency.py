@@ -101,30 +101,15 @@ def ort_variants(fp32: Path, tmp: Path, name: str, calibration, evaluation) -> d
     """onnxruntime int8 files: the exported default (QDQ, uint8 activations, int8 per-channel weights) and two
     variants of the format and activation type, with the same float nodes."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from vision_lora.deploy.int8 import INT8_OP_TYPES, _CalibrationReader, _float_nodes, quantize_int8
+    from vision_lora.deploy.int8 import INT8_OP_TYPES, _float_nodes, quantize_int8, static_qdq
 
     files = {"ort_int8_qdq_u8s8": tmp / f"{name}.int8.onnx"}
     quantize_int8(fp32, files["ort_int8_qdq_u8s8"], calibration, evaluation, min_agreement=0.0)
     floats = _float_nodes(onnx.load(str(fp32)), INT8_OP_TYPES)
-    for key, fmt, act in (
-        ("ort_int8_qoperator_u8s8", QuantFormat.QOperator, QuantType.QUInt8),
-        ("ort_int8_qdq_s8s8", QuantFormat.QDQ, QuantType.QInt8),
-    ):
+    for key, fmt, act in (("ort_int8_qoperator_u8s8", "QOperator", "QUInt8"), ("ort_int8_qdq_s8s8", "QDQ", "QInt8")):
         files[key] = tmp / f"{name}.{key}.onnx"
-        quantize_static(
-            str(fp32),
-            str(files[key]),
-            _CalibrationReader(calibration),
-            quant_format=fmt,
-            op_types_to_quantize=list(INT8_OP_TYPES),
-            nodes_to_exclude=floats,
-            per_channel=True,
-            activation_type=act,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        static_qdq(fp32, files[key], calibration, floats, activations=act, quant_format=fmt)
     return files
 
 

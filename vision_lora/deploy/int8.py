@@ -32,6 +32,7 @@ __all__ = [
     "quantize_int8",
     "quantize_trained",
     "run_images",
+    "static_qdq",
 ]
 
 # Quantizing only the weight-heavy ops keeps Add / Mul / Softmax / LayerNorm in float32, where int8 costs accuracy
@@ -137,6 +138,36 @@ def _predict(
     return decisions(logits, thresholds)
 
 
+def static_qdq(
+    source: Path,
+    output: Path,
+    calibration: Tensor,
+    float_nodes: list[str],
+    op_types: tuple[str, ...] = INT8_OP_TYPES,
+    activations: str = "QUInt8",
+    quant_format: str = "QDQ",
+) -> None:
+    """onnxruntime's static quantization with our settings: per-channel int8 weights, `activations` (a `QuantType`
+    name) calibrated by min-max on `calibration`, `float_nodes` left float32, in `quant_format` (a `QuantFormat`
+    name). It writes a `-inferred.onnx` beside `source`: give it a file in a private folder."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(source),
+        str(output),
+        _CalibrationReader(calibration),
+        quant_format=getattr(QuantFormat, quant_format),
+        op_types_to_quantize=list(op_types),
+        nodes_to_exclude=float_nodes,
+        per_channel=True,
+        # uint8 activations: onnxruntime's uint8 x int8 kernels were the faster ones on the CPUs measured, at the
+        # same accuracy (docs/deployment.md, "int8").
+        activation_type=getattr(QuantType, activations),
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -171,8 +202,6 @@ def quantize_int8(
     Raises:
         VisionLoRAError: `fp32_path` is not a float32 vision_lora export.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     metadata = read_onnx_metadata(fp32_path)
     if metadata.get("precision") != "float32":
         raise VisionLoRAError(
@@ -184,20 +213,7 @@ def quantize_int8(
         source, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         shutil.copyfile(fp32_path, source)
         float_nodes = _float_nodes(onnx.load(str(source)), op_types)
-        quantize_static(
-            str(source),
-            str(quantized),
-            _CalibrationReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(op_types),
-            nodes_to_exclude=float_nodes,
-            per_channel=True,
-            # uint8 activations: onnxruntime's uint8 x int8 kernels were the faster ones on the CPUs measured, at the
-            # same accuracy (docs/deployment.md, "int8").
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        static_qdq(source, quantized, calibration, float_nodes, op_types)
         settings = {
             "format": "QDQ",
             "weights": "int8, per channel",
