@@ -160,8 +160,8 @@ def static_qdq(
         op_types_to_quantize=list(op_types),
         nodes_to_exclude=float_nodes,
         per_channel=True,
-        # uint8 activations: onnxruntime's uint8 x int8 kernels were the faster ones on the CPUs measured, at the
-        # same accuracy (docs/deployment.md, "int8").
+        # uint8 activations by default: onnxruntime's uint8 x int8 kernels were the faster ones on the CPUs measured,
+        # at the same accuracy (docs/deployment.md, "int8").
         activation_type=getattr(QuantType, activations),
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
