@@ -22,6 +22,7 @@ from vision_lora.multilabel import (
     average_precision,
     choose_thresholds,
     class_weights,
+    label_sets,
     multilabel_metrics,
 )
 
@@ -132,6 +133,12 @@ def test_multilabel_jsonl_run_end_to_end(tmp_path, backbone_file, monkeypatch, c
     images = torch.randn(8, 3, 32, 32)
     refused = quantize_int8(tmp_path / "model.fp32.onnx", tmp_path / "no.onnx", images, images, min_agreement=1.01)
     assert not refused.written and not (tmp_path / "no.onnx").exists()
+
+
+def test_label_sets_turn_a_class_on_at_or_over_its_threshold():
+    on, probs = label_sets(np.array([[0.0, -2.0, 3.0], [1.0, -1.0, 5.0]]), [0.5, 0.2, 0.99])
+    assert on.tolist() == [[True, False, False], [True, True, True]]  # sigmoid: 0.5 / 0.12 / 0.95, 0.73 / 0.27 / 0.993
+    np.testing.assert_allclose(probs[0], [0.5, 0.1192029, 0.9525741], rtol=1e-6)
 
 
 def test_the_int8_gate_counts_only_exact_label_sets():

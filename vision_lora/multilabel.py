@@ -7,6 +7,7 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,12 +19,24 @@ __all__ = [
     "average_precision",
     "choose_thresholds",
     "class_weights",
+    "label_sets",
     "multilabel_metrics",
 ]
 
 DEFAULT_THRESHOLD = 0.5  # of a class without a positive in val, where no threshold can be chosen
 CLASS_WEIGHTS = ("none", "auto", "inverse", "effective")
 _AUTO_WEIGHTS = "effective"  # what `class_weights="auto"` means (docs/imbalance.md)
+
+
+def label_sets(logits: np.ndarray, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-label model's decisions from its logits (..., C), as `predict` and `serve` make them: the sigmoid in
+    float32 and each class on at or over its threshold.
+
+    Returns:
+        ((..., C) bool label sets, (..., C) float32 probabilities).
+    """
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))
+    return probs >= np.asarray(thresholds, dtype=np.float32), probs
 
 
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from .._io import atomic_write
 from ..checkpoint import TrainedModel
 from ..data.folder import image_files, labelled_images, preprocess_files
 from ..errors import VisionLoRAError
+from ..multilabel import label_sets
 from .onnx import INPUT_NAME, OUTPUT_NAME, check_graph, read_onnx_metadata
 
 __all__ = [
@@ -113,11 +114,10 @@ class _CalibrationReader:
 
 def decisions(logits: np.ndarray, thresholds: list[float] | None = None) -> np.ndarray:
     """What a model decides from its logits (N, C): (N,) top-1 class indices; with `thresholds` (multi-label), (N, C)
-    0 / 1 label sets, sigmoid >= threshold."""
+    0 / 1 label sets, decided as `predict` decides them (`multilabel.label_sets`)."""
     if thresholds is None:
         return logits.argmax(1)
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))  # (N, C)
-    return (probs >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
+    return label_sets(logits, thresholds)[0].astype(np.int64)
 
 
 def agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 
 from ..data.decode import DEFAULT_MAX_PIXELS, ImageTooLargeError, decode_image
 from ..errors import VisionLoRAError
+from ..multilabel import label_sets
 from ..preprocess import DATA_CONFIG_KEYS, data_config_record, eval_stages
 from .batching import batched_loop
 from .onnx import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
@@ -374,9 +375,8 @@ class ClassifierAPI(ls.LitAPI):
 def multilabel_answer(logits: np.ndarray, classes: list[str], thresholds: list[float]) -> dict:
     """A multi-label model's answer: `labels`, the classes at or over their thresholds (as `predict` writes them), and
     `scores`, every class's sigmoid probability."""
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))  # (C,) sigmoid, in float32 as `predict`
-    cuts = np.asarray(thresholds, np.float32)
-    labels = [c for c, p, t in zip(classes, probs, cuts, strict=True) if p >= t]
+    on, probs = label_sets(logits, thresholds)  # (C,), (C,)
+    labels = [c for c, yes in zip(classes, on, strict=True) if yes]
     return {"labels": labels, "scores": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
 
 
