@@ -46,6 +46,20 @@ def test_csv_single_label_with_splits_and_fixed_classes(tmp_path):
     assert source.samples("val") == ([str(tmp_path / "img/4.png")], [0])
 
 
+def test_csv_as_spreadsheets_write_it_semicolons_bom_crlf_and_a_tsv(tmp_path):
+    paths = _images(tmp_path, 4)
+    rows = [(p, "cat" if i % 2 else "dog", "val" if i == 3 else "train") for i, p in enumerate(paths)]
+    excel = "Path ; Label ; Split\r\n" + "".join(f"{p}; {c} ;{s} \r\n" for p, c, s in rows)
+    (tmp_path / "excel.csv").write_bytes(excel.encode("utf-8-sig"))
+    tsv = "path\tlabel\tsplit\n" + "".join(f"{p}\t{c}\t{s}\n" for p, c, s in rows)
+    (tmp_path / "labels.tsv").write_text(tsv, encoding="utf-8")
+    for name in ("excel.csv", "labels.tsv"):
+        source = LabelFileSource(tmp_path / name, tmp_path)
+        assert source.class_names == ["cat", "dog"]
+        assert source.samples("train") == ([str(tmp_path / p) for p, _, _ in rows[:3]], [1, 0, 1])
+        assert source.samples("val") == ([str(tmp_path / rows[3][0])], [0])
+
+
 def test_jsonl_lists_make_a_multilabel_source_with_a_printed_line(tmp_path, capsys):
     paths = _images(tmp_path, 8)
     rows = [{"path": p, "label": [["a"], ["b"], ["a", "b"], []][i % 4]} for i, p in enumerate(paths)]

@@ -53,9 +53,26 @@ def _split_value(file: Path, line: int, value: object) -> str | None:
     return str(value)
 
 
+CSV_DELIMITERS = (",", "\t", ";", "|")
+
+
+def _header_key(name: str | None) -> str:
+    return (name or "").strip().lower()
+
+
+def _cell(record: dict, column: str) -> str:
+    return (record.get(column) or "").strip()
+
+
 def _csv_rows(file: Path, text: str, multilabel: bool, label_sep: str) -> list[LabelRow]:
-    reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
+    """Rows of a CSV whose delimiter is the first of `CSV_DELIMITERS` that splits the header into a `path` and a
+    `label` column (Excel writes `;` in many locales, `.tsv` files tabs); header names match without case or spaces."""
+    first = text.splitlines()[0] if text else ""
+    fields = {d: [_header_key(f) for f in next(csv.reader([first], delimiter=d), [])] for d in CSV_DELIMITERS}
+    delimiter = next((d for d, keys in fields.items() if {"path", "label"} <= set(keys)), ",")
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+    header = [_header_key(f) for f in reader.fieldnames or []]
+    reader.fieldnames = header
     missing = [c for c in ("path", "label") if c not in header]
     if missing:
         raise VisionLoRAError(
@@ -65,12 +82,12 @@ def _csv_rows(file: Path, text: str, multilabel: bool, label_sep: str) -> list[L
     rows = []
     for record in reader:
         line = reader.line_num
-        label = (record.get("label") or "").strip()
+        label = _cell(record, "label")
         labels = [p for p in label.split(label_sep if label_sep != " " else None) if p] if multilabel else [label]
         if not multilabel and not label:
             labels = []
         rows.append(
-            LabelRow(line, record.get("path") or "", labels, _split_value(file, line, record.get("split")), False)
+            LabelRow(line, _cell(record, "path"), labels, _split_value(file, line, _cell(record, "split")), False)
         )
     return rows
 
@@ -100,7 +117,7 @@ def _jsonl_rows(file: Path, text: str) -> list[LabelRow]:
 
 
 def read_label_rows(file: str | os.PathLike, multilabel: bool, label_sep: str = " ") -> list[LabelRow]:
-    """The rows of a CSV (`.csv`) or JSON-lines (any other suffix, e.g. `.jsonl`) label file.
+    """The rows of a CSV (`.csv`, `.tsv`) or JSON-lines (any other suffix, e.g. `.jsonl`) label file.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -110,7 +127,7 @@ def read_label_rows(file: str | os.PathLike, multilabel: bool, label_sep: str = 
     if not file.is_file():
         raise FileNotFoundError(f"Label file {file} does not exist; set data.labels to a CSV or JSONL file.")
     text = _read_text(file)
-    if file.suffix.lower() == ".csv":
+    if file.suffix.lower() in (".csv", ".tsv"):
         return _csv_rows(file, text, multilabel, label_sep)
     return _jsonl_rows(file, text)
 
