@@ -70,3 +70,24 @@ def test_missing_columns_and_hub_names_are_one_line_errors(tmp_path):
         _module(hf=str(saved))
     with pytest.raises(VisionLoRAError, match="could not be loaded offline"):
         _module(hf="someone/not-a-local-dataset")
+
+
+def test_integer_labels_are_classes_in_numeric_order(tmp_path):
+    data = _mosaics(tmp_path / "data", 24)
+    rows = [json.loads(line) for line in (data / "labels.jsonl").read_text().splitlines()]
+    paths = [str(data / r["path"]) for r in rows]
+    values = [(i * 5) % 12 for i in range(len(rows))]  # 0..11: "10" and "11" come after "9", not after "1"
+    single = datasets.Dataset.from_dict({"image": paths, "label": values}).cast_column("image", datasets.Image())
+    single.save_to_disk(str(tmp_path / "ints"))
+    module = _module(hf=str(tmp_path / "ints"))
+    assert module.task == "multiclass" and module.class_names == [str(v) for v in range(12)]
+    train, val = module.folder.samples("train")[1], module.folder.samples("val")[1]
+    assert sorted(train + val) == sorted(values)  # each integer is its own class index here
+    lists = datasets.Dataset.from_dict({"image": paths, "label": [[v, 3] if v != 3 else [] for v in values]})
+    lists.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "int_lists"))
+    module = _module(hf=str(tmp_path / "int_lists"))
+    assert module.task == "multilabel" and module.class_names == [str(v) for v in range(12)]
+    targets = module.folder.samples("train")[1] + module.folder.samples("val")[1]
+    assert sorted(tuple(int(i) for i, on in enumerate(t) if on) for t in targets) == sorted(
+        tuple(sorted({v, 3})) if v != 3 else () for v in values
+    )

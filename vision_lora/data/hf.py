@@ -40,9 +40,16 @@ def _load(spec: str) -> Any:
 
 
 def _label_kind(feature: Any) -> tuple[str, list[str] | None]:
-    """("class", names) for a ClassLabel, ("classes", names) for a list of ClassLabel, ("string", None) or
-    ("strings", None) for plain text labels; None names where the feature does not carry them."""
+    """("class", names) for a ClassLabel, ("classes", names) for a list of ClassLabel, ("string" / "strings", None)
+    for text labels and ("int" / "ints", None) for plain integers; None names where the feature does not carry them."""
     from datasets import ClassLabel, LargeList, List, Value
+
+    def plain(value: Any) -> str | None:
+        if isinstance(value, Value) and value.dtype in ("string", "large_string"):
+            return "string"
+        if isinstance(value, Value) and value.dtype.startswith(("int", "uint")):
+            return "int"
+        return None
 
     if isinstance(feature, ClassLabel):
         return "class", list(feature.names)
@@ -50,11 +57,13 @@ def _label_kind(feature: Any) -> tuple[str, list[str] | None]:
         inner = feature.feature
         if isinstance(inner, ClassLabel):
             return "classes", list(inner.names)
-        if isinstance(inner, Value) and inner.dtype in ("string", "large_string"):
-            return "strings", None
-    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
-        return "string", None
-    raise VisionLoRAError(f"the label column has type {feature}; use a ClassLabel, a list of ClassLabel or strings.")
+        if plain(inner):
+            return plain(inner) + "s", None
+    if plain(feature):
+        return plain(feature), None
+    raise VisionLoRAError(
+        f"the label column has type {feature}; use a ClassLabel, a list of ClassLabel, strings or integers."
+    )
 
 
 class HFImageDataset(Dataset):
@@ -89,7 +98,7 @@ class HFSource:
         spec: a `save_to_disk` folder or a local `load_dataset` spec.
         image_column: the column of the images.
         label_column: the column of the labels: a ClassLabel (single-label), a list of ClassLabel (multi-label), or
-            strings / lists of strings (class names: the sorted union).
+            strings / integers or lists of them (class names: the sorted union; integers in numeric order).
         task: "auto" (multilabel for list labels), "multiclass" or "multilabel".
         val_fraction, seed: the held-out share and seed when there is no validation split.
 
@@ -122,16 +131,17 @@ class HFSource:
                     "data.hf_image_column / data.hf_label_column."
                 )
         kind, names = _label_kind(first.features[label_column])
-        listed = kind in ("classes", "strings")
+        listed = kind in ("classes", "strings", "ints")
         self.task = ("multilabel" if listed else "multiclass") if task == "auto" else task
         if self.task == "multiclass" and listed:
             raise VisionLoRAError(f"data.hf {spec}: the labels are lists; set data.task multilabel (or auto).")
         raw = {HF_SPLITS[s]: t[label_column] for s, t in tables.items()}  # ints, or lists of ints / strings
-        if names is None:
-            names = sorted({n for values in raw.values() for v in values for n in (v if listed else [v])})
+        index = {n: i for i, n in enumerate(names or [])}
+        if names is None:  # strings sorted as text, integers in numeric order (named by their decimal string)
+            values = sorted({n for values in raw.values() for v in values for n in (v if listed else [v])})
+            index, names = {v: i for i, v in enumerate(values)}, [str(v) for v in values]
         self.class_names = names
         self.spec, self.image_column, self.val_fraction, self.seed = spec, image_column, val_fraction, seed
-        index = {n: i for i, n in enumerate(names)}
         self._tables, self._targets = {}, {}
         for split, table in tables.items():
             name = HF_SPLITS[split]
