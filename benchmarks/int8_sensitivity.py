@@ -1,7 +1,9 @@
 """Where does int8 lose agreement with float32? For one checkpoint: the int8 file `export --quantize int8` writes,
 the same with 16-bit activations (what the weights alone cost), each quantizable node quantized alone (the rest
-float32), and optionally NNCF's accuracy-controlled quantization (`--accuracy_control`, OpenVINO), which reverts the
-most harmful quantizers to float until the agreement on the val split is within 1 point of float32.
+float32), the most harmful nodes (ranked on the val split) kept float32, how close the float32 decisions sit to a
+flip (`borderline`) and the rounding error of the int8 weights themselves; and optionally NNCF's accuracy-controlled
+quantization (`--accuracy_control`, OpenVINO), which reverts the most harmful quantizers to float until the agreement
+on the val split is within 1 point of float32.
 
     python benchmarks/int8_sensitivity.py --ckpt_path BEST.ckpt --out benchmarks/results/int8_sensitivity.json
 
@@ -47,6 +49,32 @@ def _logits(path: Path, images: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i : i + 32].numpy()})[0] for i in range(0, len(images), 32)])
+
+
+def _margins(logits: np.ndarray, thresholds) -> np.ndarray:
+    """(N,) how far each image's decision is from changing, in logits: multi-label, the closest class logit to its
+    threshold's logit; else the gap between the top two logits."""
+    if thresholds is None:
+        top = np.sort(logits, 1)
+        return top[:, -1] - top[:, -2]
+    t = np.clip(np.asarray(thresholds, np.float64), 1e-7, 1 - 1e-7)
+    return np.abs(logits - np.log(t / (1 - t))).min(1)
+
+
+def _weight_rounding(proto: onnx.ModelProto, nodes: list[str]) -> dict:
+    """Relative error ||W - int8(W)|| / ||W|| of each node's weight under per-output-channel max-abs int8 rounding,
+    as the export rounds it (the exported graph has its batch norms folded into the convs)."""
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    errors = []
+    for node in proto.graph.node:
+        if node.name in nodes and len(node.input) > 1 and node.input[1] in weights:
+            w = weights[node.input[1]].astype(np.float64)
+            w = w.reshape(w.shape[0], -1) if node.op_type != "MatMul" else w.T
+            scale = np.maximum(np.abs(w).max(1, keepdims=True), 1e-12) / 127
+            rounded = np.clip(np.round(w / scale), -127, 127) * scale
+            errors.append(float(np.linalg.norm(w - rounded) / np.linalg.norm(w)))
+    return {"nodes": len(errors), "min": round(min(errors), 5), "median": round(float(np.median(errors)), 5),
+            "max": round(max(errors), 5)}  # fmt: skip
 
 
 def _accuracy_control(trained, fp32_onnx: Path, evaluation: torch.Tensor, thresholds) -> dict:
@@ -150,6 +178,30 @@ def main() -> None:
         solo = [row["agreement"] for row in result["one_node_int8"].values()]
         result["one_node_int8_summary"] = {"nodes": len(solo), "min": min(solo), "median": float(np.median(solo)),
                                            "under_0.99": sum(a < 0.99 for a in solo)}  # fmt: skip
+        result["weight_rounding"] = _weight_rounding(onnx.load(str(fp32)), nodes)
+        margins = _margins(reference, thresholds)
+        static_qdq(fp32, quantized, calibration, kept_float)
+        error = np.abs(_logits(quantized, evaluation) - reference)
+        result["borderline"] = {
+            "share_of_images_within_logits": {str(d): float((margins < d).mean()) for d in (0.1, 0.2, 0.3, 0.5, 1.0)},
+            "int8_mean_abs_logit_error": round(float(error.mean()), 4),
+            "float32_logit_std": round(float(spread.mean()), 3),
+        }
+        # Float fallback in onnxruntime: rank the nodes by their one-node agreement on the val split (not the
+        # evaluation images), keep the k most harmful float32.
+        val = run_images(trained, calib_split="val", calib_images=100_000)[0]
+        val_reference = decisions(_logits(fp32, val), thresholds)
+        harm = {}
+        for name in nodes:
+            static_qdq(fp32, quantized, calibration, kept_float + [n for n in nodes if n != name])
+            harm[name] = float(agree(decisions(_logits(quantized, val), thresholds), val_reference).mean())
+        ranked = sorted(nodes, key=lambda n: harm[n])
+        result["float_fallback"] = {"ranked_on": f"val ({len(val)} images)", "kept_float": {}}
+        for k in (4, 8, 12, 16):
+            static_qdq(fp32, quantized, calibration, kept_float + ranked[:k])
+            row = {**measured(quantized), "size_of_fp32": round(quantized.stat().st_size / fp32.stat().st_size, 3)}
+            result["float_fallback"]["kept_float"][f"{k} of {len(nodes)}"] = row
+            print("float fallback", k, row, flush=True)
         if args.accuracy_control:
             result["accuracy_control"] = _accuracy_control(trained, fp32, evaluation, thresholds)
     print(json.dumps({k: v for k, v in result.items() if k != "one_node_int8"}, indent=1))
