@@ -100,6 +100,27 @@ def localisation(maps: torch.Tensor, boxes: list[dict]) -> dict:
     }
 
 
+def occlusion(model: torch.nn.Module, batch: torch.Tensor, cell: int) -> torch.Tensor:
+    """(N, H, W) how much the predicted class's centred logit (its logit minus the mean logit, the part a softmax
+    sees) drops when one `cell` x `cell` square is set to the normalised mean (0): what the model itself relies on,
+    without gradients."""
+    with torch.no_grad():
+        logits = model(batch)
+        chosen = logits.argmax(-1, keepdim=True)  # (N, 1)
+
+        def centred(out: torch.Tensor) -> torch.Tensor:
+            return out.gather(1, chosen)[:, 0] - out.mean(1)  # (N,)
+
+        base, side = centred(logits), batch.shape[-1]
+        drops = torch.zeros(len(batch), side // cell, side // cell)
+        for i in range(side // cell):
+            for j in range(side // cell):
+                hidden = batch.clone()
+                hidden[:, :, i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = 0
+                drops[:, i, j] = base - centred(model(hidden))
+    return torch.nn.functional.interpolate(drops[:, None], size=batch.shape[-2:], mode="nearest")[:, 0]
+
+
 def measure(
     model_name: str,
     weights: str,
@@ -110,9 +131,10 @@ def measure(
     heldout: list[dict],
     extra: list[str],
     layers: list[str] = (),
+    occlude: int = 0,
 ) -> dict:
     """Fit through the CLI, then the held-out accuracy and where the Grad-CAM maps of the predicted class peak, at the
-    default layer and at each of `layers`."""
+    default layer and at each of `layers` (and, with `occlude`, of occlusion maps of squares of that size)."""
     work = data.parent
     args = [
         "fit",
@@ -151,6 +173,11 @@ def measure(
     maps = grad_cam(model, batch)  # (N, side, side), for the predicted class
     cam_seconds = time.perf_counter() - start
     other = {}
+    if occlude:
+        found = localisation(occlusion(model, batch, occlude), heldout)
+        other[f"occlusion of {occlude} px squares"] = {
+            k: found[k] for k in ("peak_inside_patch", "peak_inside_patch_per_class")
+        }
     for layer in layers:
         found = localisation(grad_cam(model, batch, layer=layer), heldout)
         other[layer] = {k: found[k] for k in ("peak_inside_patch", f"peak_within_{NEAR}px_of_patch")}
@@ -192,6 +219,7 @@ def main() -> None:
     parser.add_argument("--vit_side", type=int, default=224)
     parser.add_argument("--vit_args", action="append", default=[], help="a fit argument for test_vit (repeat)")
     parser.add_argument("--vit_layers", nargs="*", default=[], help="other layers of test_vit to read as well")
+    parser.add_argument("--vit_occlusion", type=int, default=0, help="also occlusion maps of test_vit, squares of N px")
     parser.add_argument("--lite0_epochs", type=int, default=4)
     parser.add_argument("--lite0_lr", type=float, default=1e-3)
     parser.add_argument("--lite0_side", type=int, default=224)
@@ -222,7 +250,7 @@ def main() -> None:
                 weights = str(work / "test_vit.pth")
                 torch.save(timm.create_model("test_vit").state_dict(), weights)
                 settings = (args.vit_epochs, args.vit_lr, args.vit_side, data, heldout, args.vit_args, args.vit_layers)
-                row = measure(name, weights, *settings)
+                row = measure(name, weights, *settings, occlude=args.vit_occlusion)
             else:
                 data, heldout = dataset(work, args.lite0_side, args.train, args.heldout)
                 row = measure(
