@@ -3,6 +3,8 @@ parameter gradient or mode is touched; LoRA base layers are refused; `vision-lor
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import timm
 import torch
@@ -74,10 +76,14 @@ def test_explain_writes_an_overlay_per_image(image_folder, backbone_file, tmp_pa
     weights = f"--model.weights={backbone_file('test_resnet')}"
     main(["fit", *FAST, weights, f"--data.root={image_folder}", "--trainer.max_epochs=1", "--recipe=off"])
     adapter = tmp_path / "runs" / "lightning_logs" / "version_0" / "adapter"
-    main(["explain", "--adapter", str(adapter), "--images", str(image_folder / "test"), "--output", "cams"])
+    photos = tmp_path / "photos"
+    shutil.copytree(image_folder / "test", photos)
+    (photos / "green" / "broken.png").write_bytes(b"not an image")  # skipped and named, as predict does
+    main(["explain", "--adapter", str(adapter), "--images", str(photos), "--output", "cams"])
     written = sorted((tmp_path / "cams").glob("*.cam.png"))
     assert len(written) == 12 and (tmp_path / "cams" / "green__0.cam.png").stat().st_size > 500
-    assert capsys.readouterr().out.count("\t") == 2 * 12
+    out, err = capsys.readouterr()
+    assert out.count("\t") == 2 * 12 and f"{photos / 'green' / 'broken.png'}\tskipped: not an image" in err
 
 
 def test_errors_png_carries_the_maps_of_the_inputs_as_seen_without_touching_the_live_module(image_folder, tmp_path):
