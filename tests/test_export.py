@@ -336,3 +336,24 @@ def test_load_model_needs_exactly_one_existing_source(tmp_path):
         load_model(ckpt_path=tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError, match="adapter directory"):
         load_model(adapter=tmp_path)
+
+
+def test_int8_images_skip_an_unreadable_file_and_keep_labels_aligned(image_folder, capsys):
+    from vision_lora.checkpoint import TrainedModel
+    from vision_lora.data.folder import labelled_images, preprocess_files
+    from vision_lora.deploy.int8 import run_images
+
+    (image_folder / "train" / "green" / "zz_broken.png").write_bytes(b"\x89PNG truncated")
+    (image_folder / "test" / "green" / "0.png").write_bytes(b"")  # an empty file among the labelled ones
+    classes = sorted(p.name for p in (image_folder / "train").iterdir())
+    config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
+    trained = TrainedModel(timm.create_model("test_resnet", num_classes=3), "test_resnet", classes, config)
+    calibration, evaluation, labels, _ = run_images(trained, data_root=image_folder, calib_images=100)
+    err = capsys.readouterr().err
+    assert "zz_broken.png\tskipped" in err and f"{image_folder / 'test' / 'green' / '0.png'}\tskipped" in err
+    assert len(calibration) == 3 * 12
+    paths, targets = labelled_images(image_folder / "test", classes)
+    kept = [i for i, p in enumerate(paths) if not p.endswith("green/0.png")]
+    torch.testing.assert_close(evaluation, preprocess_files([paths[i] for i in kept], config))
+    assert labels.tolist() == [targets[i] for i in kept]

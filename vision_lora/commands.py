@@ -11,7 +11,7 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checkpoint import load_model
-from .data.folder import image_files, preprocess_files
+from .data.folder import image_files, readable_files
 from .errors import VisionLoRAError
 from .lora.adapter import save_adapter, save_merged
 from .lora.config import LoRAConfig
@@ -101,7 +101,7 @@ def export(
         path = save_adapter(trained.model, "peft_adapter" if output == "model.onnx" else output, format="peft")
         rank_zero_info(f"PEFT adapter of {trained.name} written to {path}")
         return
-    images = preprocess_files(image_files(verify_dir, verify_limit), trained.data_config) if verify_dir else None
+    images = readable_files(image_files(verify_dir, verify_limit), trained.data_config)[1] if verify_dir else None
     int8 = dict(calib_dir=calib_dir, calib_split=calib_split, calib_images=calib_images, min_agreement=min_agreement)
     if format == "openvino":
         _export_openvino(trained, output, fp16, images, quantize, data.root if data is not None else None, int8)

@@ -5,7 +5,6 @@ which writes an overlay per image."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,24 +104,6 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return (blended.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _readable(paths: list[str], data_config: dict) -> tuple[list[str], Tensor]:
-    """The paths that decode, and their preprocessed batch (N, C, H, W); each one that does not is skipped with a
-    line on stderr naming it (as `predict` skips and reports bad files)."""
-    from .data.decode import decode_image
-    from .preprocess import eval_transform
-
-    transform = eval_transform(data_config)
-    kept, tensors = [], []
-    for path in paths:
-        try:
-            tensors.append(transform(decode_image(Path(path).read_bytes())))
-        except (OSError, VisionLoRAError) as err:
-            print(f"{path}\tskipped: {err}", file=sys.stderr)
-            continue
-        kept.append(path)
-    return kept, torch.stack(tensors) if tensors else torch.empty(0)
-
-
 def explain(
     ckpt_path: str | None = None,
     adapter: str | None = None,
@@ -144,15 +125,15 @@ def explain(
     from PIL import Image
 
     from .checkpoint import load_model
-    from .data.folder import image_files
+    from .data.folder import image_files, readable_files
     from .reports import _to_uint8
 
     if images is None:
         raise VisionLoRAError("vision-lora explain needs --images, a folder of images or one image.")
     trained = load_model(ckpt_path=ckpt_path, adapter=adapter)
-    paths, batch = _readable(image_files(images, limit), trained.data_config)
-    if not paths:
-        raise VisionLoRAError(f"none of the images under {images} could be read; see the lines above.")
+    found = image_files(images, limit)
+    kept, batch = readable_files(found, trained.data_config)
+    paths = [found[i] for i in kept]
     names = trained.class_names or [str(i) for i in range(trained.model.num_classes)]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 and loads on first use, so that decoding and the sources import without it)."""
 
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImagePipeline, ImageTooLargeError, decode_image, load_rgb
-from .folder import FolderSource, image_files, labelled_images, preprocess_files, stratified_split
+from .folder import FolderSource, image_files, labelled_images, preprocess_files, readable_files, stratified_split
 from .samples import BadSample, CollatedBatch, EpochSampler, ImageFileDataset, SkipBadCollate
 from .streaming import OptimizeReport, optimize_folder, read_info, streaming_dataset
 
@@ -25,6 +25,7 @@ __all__ = [
     "load_rgb",
     "optimize_folder",
     "preprocess_files",
+    "readable_files",
     "read_info",
     "stratified_split",
     "streaming_dataset",

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from ..errors import VisionLoRAError
 from ..preprocess import eval_transform
-from .decode import IMAGE_EXTENSIONS, load_rgb
+from .decode import IMAGE_EXTENSIONS, decode_image, load_rgb
 
-__all__ = ["FolderSource", "image_files", "labelled_images", "preprocess_files", "stratified_split"]
+__all__ = ["FolderSource", "image_files", "labelled_images", "preprocess_files", "readable_files", "stratified_split"]
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -98,6 +98,30 @@ def preprocess_files(paths: list[str] | list[Path], data_config: dict) -> Tensor
     """The preprocessed batch (N, C, H, W) of image files, with the eval transform of `data_config`."""
     transform = eval_transform(data_config)
     return torch.stack([transform(load_rgb(p)) for p in paths])
+
+
+def readable_files(paths: list[str] | list[Path], data_config: dict) -> tuple[list[int], Tensor]:
+    """The positions in `paths` of the files that decode (under the pixel limit), and their batch (N, C, H, W)
+    preprocessed with the eval transform of `data_config`; each file that does not is skipped with a
+    `path<TAB>skipped: why` line on stderr, as training and `predict` skip bad files.
+
+    Raises:
+        VisionLoRAError: none of `paths` could be read.
+    """
+    import sys
+
+    transform = eval_transform(data_config)
+    kept, tensors = [], []
+    for i, path in enumerate(paths):
+        try:
+            tensors.append(transform(decode_image(Path(path).read_bytes())))
+        except (OSError, VisionLoRAError) as err:
+            print(f"{path}\tskipped: {err}", file=sys.stderr)
+            continue
+        kept.append(i)
+    if not kept:
+        raise VisionLoRAError(f"none of the {len(paths)} images could be read (from {paths[0] if paths else '-'}).")
+    return kept, torch.stack(tensors)
 
 
 def _class_folders(split_dir: Path) -> list[str]:

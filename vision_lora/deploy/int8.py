@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._io import atomic_write
 from ..checkpoint import TrainedModel
-from ..data.folder import image_files, labelled_images, preprocess_files
+from ..data.folder import image_files, labelled_images, readable_files
 from ..errors import VisionLoRAError
 from ..multilabel import label_sets
 from .onnx import INPUT_NAME, OUTPUT_NAME, check_graph, read_onnx_metadata
@@ -287,11 +287,11 @@ def run_images(
         if root is None:
             raise VisionLoRAError("int8 calibration needs real images: give --calib_dir DIR or --data.root of the run.")
         calib_dir = root / calib_split
-    calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
+    calibration = readable_files(image_files(calib_dir, calib_images), trained.data_config)[1]
     split = next((root / s for s in ("test", "val") if root is not None and (root / s).is_dir()), None)
     if split is not None and trained.class_names:
-        paths, targets = labelled_images(split, trained.class_names)
-        return calibration, preprocess_files(paths, trained.data_config), torch.tensor(targets), str(split)
+        evaluation, targets = _labelled_batch(*labelled_images(split, trained.class_names), trained.data_config)
+        return calibration, evaluation, targets, str(split)
     return calibration, calibration, None, f"the calibration images of {calib_dir}"
 
 
@@ -305,16 +305,20 @@ def _label_file_images(
     keys = ("root", "task", "classes", "label_sep", "allow_outside_root", "val_fraction", "seed")
     source = LabelFileSource(labels_file, **{k: data[k] for k in keys if data.get(k) is not None})
     if calib_dir is not None:
-        calibration = preprocess_files(image_files(calib_dir, calib_images), trained.data_config)
+        calibration = readable_files(image_files(calib_dir, calib_images), trained.data_config)[1]
     else:
         paths = source.samples(calib_split)[0]
-        calibration = preprocess_files(
-            [paths[i * len(paths) // min(calib_images, len(paths))] for i in range(min(calib_images, len(paths)))],
-            trained.data_config,
-        )
+        spread = [paths[i * len(paths) // min(calib_images, len(paths))] for i in range(min(calib_images, len(paths)))]
+        calibration = readable_files(spread, trained.data_config)[1]
     split = "test" if "test" in source.splits() else "val"
-    paths, targets = source.samples(split)
-    return calibration, preprocess_files(paths, trained.data_config), torch.tensor(targets), f"{labels_file} {split}"
+    evaluation, targets = _labelled_batch(*source.samples(split), trained.data_config)
+    return calibration, evaluation, targets, f"{labels_file} {split}"
+
+
+def _labelled_batch(paths: list[str], targets: list, data_config: dict) -> tuple[Tensor, Tensor]:
+    """The preprocessed images that decode and their targets (a file that does not is skipped and named)."""
+    kept, batch = readable_files(paths, data_config)
+    return batch, torch.tensor([targets[i] for i in kept])
 
 
 def check_agreement(report: QuantizationReport, fp32_path: str | os.PathLike) -> QuantizationReport:
