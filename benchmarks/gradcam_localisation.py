@@ -118,7 +118,8 @@ def occlusion(model: torch.nn.Module, batch: torch.Tensor, cell: int) -> torch.T
                 hidden = batch.clone()
                 hidden[:, :, i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = 0
                 drops[:, i, j] = base - centred(model(hidden))
-    return torch.nn.functional.interpolate(drops[:, None], size=batch.shape[-2:], mode="nearest")[:, 0]
+    up = torch.nn.functional.interpolate(drops[:, None], size=batch.shape[-2:], mode="bilinear", align_corners=False)
+    return up[:, 0]  # (N, H, W), resized as Grad-CAM maps are
 
 
 def measure(
