@@ -19,12 +19,10 @@ import json
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +31,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _machine import machine_info  # noqa: E402
+
+from int8_sensitivity import onnx_logits, result_header  # noqa: E402
 
 from vision_lora.checkpoint import load_model  # noqa: E402
 from vision_lora.deploy.int8 import INT8_OP_TYPES, _float_nodes, agree, decisions, run_images, static_qdq  # noqa: E402
@@ -137,12 +136,6 @@ def _batched(model: nn.Module, images: Tensor) -> Tensor:
         return torch.cat([model(images[i : i + 128]) for i in range(0, len(images), 128)])
 
 
-def _onnx_logits(path: Path, images: Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i : i + 64].numpy()})[0] for i in range(0, len(images), 64)])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_path", required=True)
@@ -186,12 +179,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     settings = dict(class_names=trained.class_names, data_config=trained.data_config, thresholds=thresholds)
     result = {
-        "command": "python benchmarks/int8_qat.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine_info(threads=2),
-        "model": trained.name,
-        "measure": "top-1" if thresholds is None else "exact label-set",
-        "evaluation": f"{eval_name} ({len(evaluation)} images)",
+        **result_header("int8_qat.py", trained, thresholds, evaluation, eval_name),
         "fine_tune": {
             "epochs": args.epochs,
             "lr": args.lr,
@@ -207,9 +195,9 @@ def main() -> None:
             export_onnx(model, fp32, **settings)
             static_qdq(fp32, int8, calibration, _float_nodes(onnx.load(str(fp32)), INT8_OP_TYPES))
             result[f"int8 of the {name}"] = {
-                "agreement_val": agreement(_onnx_logits(int8, val), "val"),
-                "agreement": agreement(_onnx_logits(int8, evaluation), "test"),
-                "its float32 agreement": agreement(_onnx_logits(fp32, evaluation), "test"),
+                "agreement_val": agreement(onnx_logits(int8, val), "val"),
+                "agreement": agreement(onnx_logits(int8, evaluation), "test"),
+                "its float32 agreement": agreement(onnx_logits(fp32, evaluation), "test"),
             }
             print(name, result[f"int8 of the {name}"], flush=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -45,10 +45,22 @@ from vision_lora.deploy.int8 import (  # noqa: E402
 from vision_lora.deploy.onnx import export_onnx  # noqa: E402
 
 
-def _logits(path: Path, images: torch.Tensor) -> np.ndarray:
+def onnx_logits(path: Path, images: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i : i + 32].numpy()})[0] for i in range(0, len(images), 32)])
+
+
+def result_header(script: str, trained, thresholds, evaluation: torch.Tensor, eval_name: str) -> dict:
+    """The opening fields of an int8 study's JSON: command, date, machine, model, measure and evaluation images."""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": machine_info(threads=2),
+        "model": trained.name,
+        "measure": "top-1" if thresholds is None else "exact label-set",
+        "evaluation": f"{eval_name} ({len(evaluation)} images)",
+    }
 
 
 def _margins(logits: np.ndarray, thresholds) -> np.ndarray:
@@ -137,23 +149,18 @@ def main() -> None:
     calibration, evaluation, _, eval_name = run_images(trained, calib_images=256)
     thresholds = trained.thresholds if trained.task == "multilabel" else None
     result = {
-        "command": "python benchmarks/int8_sensitivity.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine_info(threads=2),
-        "model": trained.name,
-        "measure": "top-1" if thresholds is None else "exact label-set",
-        "evaluation": f"{eval_name} ({len(evaluation)} images)",
+        **result_header("int8_sensitivity.py", trained, thresholds, evaluation, eval_name),
         "calibration_images": len(calibration),
     }
     with tempfile.TemporaryDirectory() as tmp:
         fp32, quantized = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
         settings = dict(class_names=trained.class_names, data_config=trained.data_config, thresholds=thresholds)
         export_onnx(trained.model, fp32, **settings)
-        reference = _logits(fp32, evaluation)
+        reference = onnx_logits(fp32, evaluation)
         ref_decisions, spread = decisions(reference, thresholds), reference.std(0)
 
         def measured(path: Path) -> dict:
-            logits = _logits(path, evaluation)
+            logits = onnx_logits(path, evaluation)
             return {
                 "agreement": float(agree(decisions(logits, thresholds), ref_decisions).mean()),
                 "logit_error_over_std": round(float((np.abs(logits - reference).mean(0) / spread).mean()), 4),
@@ -181,7 +188,7 @@ def main() -> None:
         result["weight_rounding"] = _weight_rounding(onnx.load(str(fp32)), nodes)
         margins = _margins(reference, thresholds)
         static_qdq(fp32, quantized, calibration, kept_float)
-        error = np.abs(_logits(quantized, evaluation) - reference)
+        error = np.abs(onnx_logits(quantized, evaluation) - reference)
         result["borderline"] = {
             "share_of_images_within_logits": {str(d): float((margins < d).mean()) for d in (0.1, 0.2, 0.3, 0.5, 1.0)},
             "int8_mean_abs_logit_error": round(float(error.mean()), 4),
@@ -190,11 +197,11 @@ def main() -> None:
         # Float fallback in onnxruntime: rank the nodes by their one-node agreement on the val split (not the
         # evaluation images), keep the k most harmful float32.
         val = run_images(trained, calib_split="val", calib_images=100_000)[0]
-        val_reference = decisions(_logits(fp32, val), thresholds)
+        val_reference = decisions(onnx_logits(fp32, val), thresholds)
         harm = {}
         for name in nodes:
             static_qdq(fp32, quantized, calibration, kept_float + [n for n in nodes if n != name])
-            harm[name] = float(agree(decisions(_logits(quantized, val), thresholds), val_reference).mean())
+            harm[name] = float(agree(decisions(onnx_logits(quantized, val), thresholds), val_reference).mean())
         ranked = sorted(nodes, key=lambda n: harm[n])
         result["float_fallback"] = {"ranked_on": f"val ({len(val)} images)", "kept_float": {}}
         for k in (4, 8, 12, 16):
